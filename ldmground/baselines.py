@@ -1,0 +1,33 @@
+"""Heatmaps that need no diffusion model: reference points for every metric."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .heatmap import Geometry
+
+
+def centre_prior(geometry: Geometry, sigma_fraction: float = 0.25) -> np.ndarray:
+    """An isotropic Gaussian at the centre of the model frame, in the model frame.
+
+    Args:
+        geometry: the image's :class:`Geometry` (the prior lives in its S x S crop).
+        sigma_fraction: standard deviation as a fraction of S.
+    Returns:
+        (S, S) float32 in [0, 1].
+    """
+    s = geometry.size
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float64)
+    c = (s - 1) / 2
+    g = np.exp(-((xx - c) ** 2 + (yy - c) ** 2) / (2 * (sigma_fraction * s) ** 2))
+    return (g / g.max()).astype(np.float32)
+
+
+def oracle_boxes(geometry: Geometry, boxes: Sequence[Sequence[float]]) -> np.ndarray:
+    """An upper reference: 1 inside the true boxes (model frame), 0 elsewhere."""
+    from .metrics import union_mask
+
+    model_boxes = [b for b in (geometry.box_to_model(tuple(bx)) for bx in boxes) if b is not None]
+    return union_mask((geometry.size, geometry.size), model_boxes).astype(np.float32)

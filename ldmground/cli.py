@@ -1,0 +1,194 @@
+"""Command line: ``ldmground ground | evaluate | make-phantom | convert-monai | train-demo``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from .config import PRESETS, GroundingConfig, get_preset
+from .errors import LdmGroundError
+
+
+def _layers(text: str) -> tuple[int, ...] | None:
+    return None if text == "all" else tuple(int(v) for v in text.split(","))
+
+
+def _window(text: str) -> tuple[float, float]:
+    a, b = (float(v) for v in text.split(","))
+    return a, b
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("grounding settings (start from --preset, then override)")
+    g.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="named settings (default: paper)")
+    g.add_argument("--steps", type=int, help="number of DDIM inversion steps N (paper: 300)")
+    g.add_argument("--window", type=_window, help="timestep window as fractions of N, e.g. 0.4,0.6 (paper)")
+    g.add_argument("--layers", type=_layers, default=argparse.SUPPRESS, help="cross-attention layer indices in forward order, e.g. 3,4,6,7, or 'all'")
+    g.add_argument("--tokens", choices=["phrase", "class"], help="average all phrase tokens or the class-name tokens")
+    g.add_argument("--sigma", type=float, help="Gaussian blur in pixels of a 512-px input (0: none)")
+    g.add_argument("--otsu", action=argparse.BooleanOptionalAction, default=None, help="binary Otsu masking")
+    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="autocast dtype of the UNet")
+    g.add_argument("--seed", type=int, help="random seed")
+
+
+def _config(args: argparse.Namespace) -> GroundingConfig:
+    cfg = get_preset(args.preset)
+    changes = {
+        "num_inference_steps": args.steps,
+        "window": args.window,
+        "tokens": args.tokens,
+        "sigma": args.sigma,
+        "otsu": args.otsu,
+        "dtype": args.dtype,
+        "seed": args.seed,
+    }
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if hasattr(args, "layers"):
+        changes["layers"] = args.layers
+    return cfg.replace(**changes)
+
+
+def cmd_ground(args: argparse.Namespace) -> int:
+    from .grounding import ground
+    from .heatmap import load_image
+    from .models import load_pipeline
+    from .overlay import save_heatmap_pngs
+
+    cfg = _config(args)
+    pipe = load_pipeline(args.model, device=args.device)
+    image = load_image(args.image)
+    words = [args.words.split(",")] if args.words else None
+    start = time.perf_counter()
+    [result] = ground(pipe, image, [args.phrase], cfg, words)
+    heat, over = save_heatmap_pngs(args.out, image, result.heatmap)
+    for w in result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(
+        f"wrote {heat} and {over} ({result.unet_evals} UNet evaluations, "
+        f"{time.perf_counter() - start:.1f} s; tokens {list(result.tokens.pieces)})"
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate, make_grounder, parse_shard
+
+    cfg = _config(args)
+    state = None
+    if args.shard == "auto":
+        from accelerate import PartialState
+
+        state = PartialState(cpu=args.device in (None, "cpu"))
+        shard = (state.process_index, state.num_processes)
+        device = args.device or str(state.device)
+    else:
+        shard, device = parse_shard(args.shard), args.device
+    grounder = make_grounder(args.model, cfg, device)
+    common = dict(split=args.split, limit=args.limit, progress=not args.quiet)
+    report = evaluate(grounder, args.dataset, args.images, args.out, cfg, shard=shard,
+                      retry_failed=args.retry_failed, finalize=state is None, **common)
+    if state is not None:
+        # Every process has committed its shard; the main one merges and summarises.
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return 0
+        done = report
+        report = evaluate(grounder, args.dataset, args.images, args.out, cfg, shard=(0, 1), **common)
+        report.succeeded, report.failed, report.skipped = done.succeeded, done.failed, done.skipped
+    if not report.summary.empty and not args.quiet:
+        cols = ["category", "n", "cnr_mean", "miou_mean", "auc_roc_mean", "pointing_mean"]
+        print(report.summary[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(report.line)
+    return 1 if report.failed_total else 0
+
+
+def cmd_make_phantom(args: argparse.Namespace) -> int:
+    from .phantom import generate_phantom
+
+    start = time.perf_counter()
+    df = generate_phantom(args.out, n=args.n, seed=args.seed, split=args.split, size=args.size,
+                          findings_per_image=args.findings)
+    print(f"wrote {len(df)} boxes of {df['path'].nunique()} images to {args.out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_convert_monai(args: argparse.Namespace) -> int:
+    from .convert_monai import convert_monai
+
+    out = convert_monai(args.bundle_dir, args.out_dir, text_encoder=args.text_encoder)
+    print(f"wrote diffusers model folder {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ldmground",
+        description="Zero-shot phrase grounding on chest X-rays with latent diffusion models "
+        "(DDIM inversion + cross-attention, Vilouras et al.).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ground", help="heatmap of one phrase on one image")
+    p.add_argument("--model", required=True, help="tiny | demo | random:<spec> | model folder | Hub repo id")
+    p.add_argument("--image", required=True, help="X-ray image (PNG/JPEG, 8/16-bit, or DICOM)")
+    p.add_argument("--phrase", required=True, help="report phrase to ground")
+    p.add_argument("--out", required=True, help="heatmap PNG to write; the overlay goes to <stem>_overlay.png")
+    p.add_argument("--words", help="comma-separated words to restrict tokens to (with --tokens class)")
+    p.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_ground)
+
+    p = sub.add_parser("evaluate", help="evaluate on an MS-CXR-format CSV (resumable)")
+    p.add_argument("--model", required=True, help="tiny | demo | centre-prior | random:<spec> | folder | repo id")
+    p.add_argument("--dataset", required=True, help="MS-CXR-format CSV (e.g. data/phantom/test.csv)")
+    p.add_argument("--images", help="folder the CSV's 'path' column is relative to (default: the CSV's folder)")
+    p.add_argument("--out", required=True, help="results folder; a rerun resumes in it")
+    p.add_argument("--split", help="keep only rows of this 'split'")
+    p.add_argument("--limit", type=int, help="evaluate only the first N samples")
+    p.add_argument("--shard", help="i/n: take one of n deterministic parts; 'auto' under accelerate launch")
+    p.add_argument("--retry-failed", action="store_true", help="recompute samples stored as failed")
+    p.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("make-phantom", help="render phantom chest X-rays in MS-CXR's format")
+    p.add_argument("--out", required=True, help="output folder (CSV + images/)")
+    p.add_argument("--n", type=int, default=200, help="number of images")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--split", default="test", help="split name written to the CSV")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels")
+    p.add_argument("--findings", type=int, default=1, help="findings per image")
+    p.set_defaults(func=cmd_make_phantom)
+
+    p = sub.add_parser("convert-monai", help="convert the MONAI CXR LDM bundle to a diffusers folder")
+    p.add_argument("bundle_dir", help="bundle folder with models/autoencoder.pth and models/diffusion_model.pth")
+    p.add_argument("out_dir", help="output model folder")
+    p.add_argument("--text-encoder", default="stabilityai/stable-diffusion-2-1-base",
+                   help="text encoder spec: SD-2.1-base repo id (default), a local copy, tiny, or none")
+    p.set_defaults(func=cmd_convert_monai)
+
+    try:
+        from .demo import add_train_parser
+    except ImportError:
+        pass
+    else:
+        add_train_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except LdmGroundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

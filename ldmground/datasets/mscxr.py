@@ -1,0 +1,148 @@
+"""Reader for MS-CXR's local-alignment CSV (v1.0.0 and v1.1.0) and sets in its format.
+
+One CSV row is one box. Rows with the same (path, label_text) are one sample (an
+image-sentence pair) with several boxes. Boxes are in original-image pixels; ``path`` is
+relative to the images root (MIMIC-CXR-JPG for the real data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import LdmGroundError
+from ..heatmap import Geometry
+
+log = logging.getLogger(__name__)
+
+MSCXR_COLUMNS = [
+    "dicom_id",
+    "category_name",
+    "label_text",
+    "path",
+    "x",
+    "y",
+    "w",
+    "h",
+    "image_width",
+    "image_height",
+]
+"""Columns of MS-CXR v1.0.0; v1.1.0 appends ``split``."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image-phrase pair.
+
+    Attributes:
+        sample_id: stable id: ``<dicom_id>-<8 hex of sha1(label_text)>``.
+        boxes: ``(x, y, w, h)`` in original-image pixels, in CSV order.
+        width, height: original image size in pixels (from the CSV).
+    """
+
+    sample_id: str
+    dicom_id: str
+    category: str
+    phrase: str
+    path: str
+    boxes: tuple[tuple[float, float, float, float], ...]
+    width: int
+    height: int
+    split: str = ""
+
+    def image_path(self, root: str | Path) -> Path:
+        return Path(root) / self.path
+
+
+def read_mscxr_csv(csv_path: str | Path) -> pd.DataFrame:
+    """Read and validate the CSV; a missing column stops with one clear message."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise LdmGroundError(f"data set CSV not found: {csv_path}")
+    df = pd.read_csv(csv_path, keep_default_na=False, na_values=[""])
+    missing = [c for c in MSCXR_COLUMNS if c not in df.columns]
+    if missing:
+        raise LdmGroundError(
+            f"{csv_path} lacks column(s) {missing}; an MS-CXR CSV needs {MSCXR_COLUMNS} (+ optional 'split')"
+        )
+    return df
+
+
+def _sample_id(dicom_id: str, phrase: str) -> str:
+    return f"{dicom_id}-{hashlib.sha1(phrase.encode()).hexdigest()[:8]}"
+
+
+def load_mscxr(
+    csv_path: str | Path,
+    images_root: str | Path | None = None,
+    split: str | None = None,
+    crop_size: int | None = 512,
+    check_files: bool = True,
+) -> tuple[list[Sample], dict[str, int]]:
+    """Samples of an MS-CXR-format CSV.
+
+    Args:
+        csv_path: the CSV (MS-CXR v1.0.0 / v1.1.0 or the phantom set).
+        images_root: folder that ``path`` is relative to (default: the CSV's folder).
+        split: keep only rows of this ``split`` (needs the column).
+        crop_size: model input S; boxes wholly outside the short-side centre crop are
+            dropped and samples left with no box are skipped. None keeps every box.
+        check_files: verify every image exists before returning; missing ones are one
+            error that says how many and lists the first few.
+
+    Returns:
+        (samples in CSV order, counts: rows, samples, duplicate_rows, dropped_boxes,
+        skipped_samples).
+    """
+    df = read_mscxr_csv(csv_path)
+    root = Path(images_root) if images_root is not None else Path(csv_path).parent
+    if split is not None:
+        if "split" not in df.columns:
+            raise LdmGroundError(f"{csv_path} has no 'split' column (MS-CXR v1.0.0); drop --split")
+        df = df[df["split"] == split]
+    counts = {"rows": len(df), "duplicate_rows": int(df.duplicated().sum())}
+    df = df.drop_duplicates()
+    samples: list[Sample] = []
+    dropped_boxes = skipped = 0
+    for (path, phrase), rows in df.groupby(["path", "label_text"], sort=False, dropna=False):
+        first = rows.iloc[0]
+        width, height = int(first["image_width"]), int(first["image_height"])
+        boxes = [tuple(float(v) for v in r) for r in rows[["x", "y", "w", "h"]].itertuples(index=False)]
+        if crop_size is not None:
+            geo = Geometry(width, height, crop_size)
+            kept = [b for b in boxes if geo.box_to_model(b) is not None]
+            dropped_boxes += len(boxes) - len(kept)
+            boxes = kept
+        if not boxes:
+            skipped += 1
+            continue
+        phrase = "" if pd.isna(phrase) else str(phrase)
+        samples.append(
+            Sample(
+                sample_id=_sample_id(str(first["dicom_id"]), phrase),
+                dicom_id=str(first["dicom_id"]),
+                category=str(first["category_name"]),
+                phrase=phrase,
+                path=str(path),
+                boxes=tuple(boxes),
+                width=width,
+                height=height,
+                split=str(first["split"]) if "split" in rows.columns else "",
+            )
+        )
+    counts.update(samples=len(samples), dropped_boxes=dropped_boxes, skipped_samples=skipped)
+    if check_files:
+        missing = [s.path for s in samples if not s.image_path(root).is_file()]
+        if missing:
+            shown = ", ".join(missing[:5])
+            raise LdmGroundError(
+                f"{len(missing)} of {len(samples)} images are missing under {root} (first: {shown}); "
+                "check --images (the MIMIC-CXR-JPG root for MS-CXR)"
+            )
+    if skipped or dropped_boxes:
+        log.info("dropped %d boxes outside the crop; skipped %d samples with no box left", dropped_boxes, skipped)
+    return samples, counts

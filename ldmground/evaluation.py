@@ -1,0 +1,406 @@
+"""Batch evaluation on an MS-CXR-format data set, resumable and shardable.
+
+Every finished image is committed at once to ``OUT/results.sqlite`` (SQLite in WAL mode),
+one row per sample, keyed by sample id + config hash + model spec. A rerun with the same
+arguments skips what is there; shards and processes (``--shard i/n`` or ``accelerate
+launch``) write to the same file. At the end the rows of this run's (model, config) are
+exported to ``results.csv`` and summarised per category in ``summary.csv``; ``run.json``
+records the version, config, model spec and the weights' SHA-256.
+
+Per-sample problems (unreadable image, empty phrase, zero-area box, ...) are stored with
+``status="failed"`` and a reason, and the batch goes on. Configuration problems (missing
+columns, unknown model, no image found at all) stop before any compute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sqlite3
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import __version__
+from .baselines import centre_prior
+from .config import GroundingConfig
+from .datasets.mscxr import Sample, load_mscxr
+from .errors import LdmGroundError
+from .heatmap import Geometry, load_image, preprocess
+from .metrics import all_metrics
+
+log = logging.getLogger(__name__)
+
+METRICS = ["cnr", "cnr_signed", "cnr_union", "miou", "auc_roc", "auc_roc_binned", "pointing"]
+COLUMNS = [
+    "key",
+    "sample_id",
+    "dicom_id",
+    "category",
+    "phrase",
+    "model",
+    "config_hash",
+    *METRICS,
+    "unet_evals",
+    "seconds",
+    "status",
+    "message",
+]
+
+
+# --- grounders: anything that turns (image, phrases) into original-frame heatmaps ---------
+
+
+@dataclass
+class Heatmaps:
+    """Heatmaps of the phrases of one image, original frame, plus cost figures."""
+
+    maps: list[np.ndarray]
+    unet_evals: int = 0
+    notes: list[list[str]] = field(default_factory=list)
+
+
+class Grounder:
+    """Interface: ``spec`` and ``__call__(image, phrases, words) -> Heatmaps``."""
+
+    spec: str = ""
+    image_size: int = 512
+    weight_files: Sequence[Path] = ()
+
+    def check_phrase(self, phrase: str) -> list[str]:
+        """Raise :class:`LdmGroundError` for a phrase this grounder cannot use; return notes."""
+        if not phrase.strip():
+            raise LdmGroundError("empty phrase")
+        return []
+
+    def __call__(self, image: np.ndarray, phrases: list[str], words: list[list[str]]) -> Heatmaps:
+        raise NotImplementedError
+
+
+class CentrePriorGrounder(Grounder):
+    """Baseline ``centre-prior``: the same Gaussian at the centre of every image."""
+
+    def __init__(self, image_size: int = 512):
+        self.spec, self.image_size = "centre-prior", image_size
+
+    def __call__(self, image, phrases, words):
+        _, geo = preprocess(image, self.image_size)
+        hm = geo.to_original(centre_prior(geo))
+        return Heatmaps([hm.copy() for _ in phrases], 0, [[] for _ in phrases])
+
+
+class DiffusionGrounder(Grounder):
+    """The method: DDIM inversion + cross-attention of a :class:`GroundingPipeline`."""
+
+    def __init__(self, pipe, config: GroundingConfig):
+        self.pipe, self.config = pipe, config
+        self.spec, self.image_size = pipe.spec, pipe.image_size
+        self.weight_files = pipe.weight_files
+
+    def check_phrase(self, phrase: str) -> list[str]:
+        from .tokens import select_tokens
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return list(select_tokens(self.pipe.tokenizer, phrase, None, self.pipe.max_length).warnings)
+
+    def __call__(self, image, phrases, words):
+        from .grounding import ground
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results = ground(self.pipe, image, phrases, self.config, words)
+        return Heatmaps([r.heatmap for r in results], results[0].unet_evals, [r.warnings for r in results])
+
+
+def make_grounder(spec: str, config: GroundingConfig, device: str | None = None) -> Grounder:
+    """``centre-prior`` or any spec :func:`ldmground.models.load_pipeline` knows."""
+    if spec == "centre-prior":
+        return CentrePriorGrounder()
+    from .models import load_pipeline
+
+    return DiffusionGrounder(load_pipeline(spec, device=device), config)
+
+
+# --- results store ------------------------------------------------------------------------
+
+
+def sample_key(sample_id: str, config_hash: str, model: str) -> str:
+    return hashlib.sha256(f"{sample_id}|{config_hash}|{model}".encode()).hexdigest()[:24]
+
+
+class ResultStore:
+    """SQLite results table; every write is its own committed transaction."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.db = sqlite3.connect(path, timeout=60, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA busy_timeout=60000")
+        cols = ", ".join(f"{c} {'TEXT PRIMARY KEY' if c == 'key' else ''}" for c in COLUMNS)
+        self.db.execute(f"CREATE TABLE IF NOT EXISTS results ({cols})")
+
+    def done_keys(self) -> set[str]:
+        return {k for (k,) in self.db.execute("SELECT key FROM results")}
+
+    def write(self, rows: list[dict]) -> None:
+        marks = ", ".join("?" for _ in COLUMNS)
+        self.db.execute("BEGIN IMMEDIATE")
+        self.db.executemany(
+            f"INSERT OR REPLACE INTO results ({', '.join(COLUMNS)}) VALUES ({marks})",
+            [[r.get(c) for c in COLUMNS] for r in rows],
+        )
+        self.db.execute("COMMIT")
+
+    def frame(self, model: str, config_hash: str) -> pd.DataFrame:
+        return pd.read_sql_query(
+            "SELECT * FROM results WHERE model = ? AND config_hash = ? ORDER BY rowid",
+            self.db,
+            params=(model, config_hash),
+        )
+
+    def close(self) -> None:
+        self.db.close()
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class EvaluationReport:
+    """Counts of one call of :func:`evaluate` and where its files are."""
+
+    out_dir: Path
+    succeeded: int
+    failed: int
+    skipped: int
+    summary: pd.DataFrame
+    results: pd.DataFrame
+
+    @property
+    def failed_total(self) -> int:
+        """Failed samples among all stored results of this data set, model and config."""
+        return int((self.results["status"] != "ok").sum())
+
+    @property
+    def line(self) -> str:
+        return (
+            f"{self.succeeded} succeeded, {self.failed} failed, {self.skipped} skipped (already done); "
+            f"stored: {len(self.results)} samples, {self.failed_total} failed"
+        )
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n); ``None`` -> (0, 1)."""
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise LdmGroundError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if not 0 <= i < n:
+        raise LdmGroundError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def in_shard(path: str, shard: tuple[int, int]) -> bool:
+    """Deterministic split by image, so all phrases of an image go to the same shard."""
+    i, n = shard
+    return int(hashlib.sha1(path.encode()).hexdigest(), 16) % n == i
+
+
+def _validate_sample(sample: Sample, grounder: Grounder) -> list[str]:
+    notes = grounder.check_phrase(sample.phrase)
+    for b in sample.boxes:
+        if not b[2] > 0 or not b[3] > 0:
+            raise LdmGroundError(f"zero-area box {b} (fields w, h)")
+        if b[0] >= sample.width or b[1] >= sample.height or b[0] + b[2] <= 0 or b[1] + b[3] <= 0:
+            raise LdmGroundError(f"box {b} lies outside the {sample.width}x{sample.height} image")
+    return notes
+
+
+def _row(sample: Sample, model: str, chash: str, status: str, message: str = "", **values) -> dict:
+    row = {c: None for c in COLUMNS}
+    row.update(
+        key=sample_key(sample.sample_id, chash, model),
+        sample_id=sample.sample_id,
+        dicom_id=sample.dicom_id,
+        category=sample.category,
+        phrase=sample.phrase,
+        model=model,
+        config_hash=chash,
+        status=status,
+        message=message,
+    )
+    row.update(values)
+    return row
+
+
+def _ground_image(grounder: Grounder, path: Path, samples: list[Sample], model: str, chash: str, words_for) -> list[dict]:
+    """All rows of one image; never raises for a per-sample problem."""
+    rows, good, notes = [], [], {}
+    for s in samples:
+        try:
+            notes[s.sample_id] = _validate_sample(s, grounder)
+            good.append(s)
+        except LdmGroundError as err:
+            rows.append(_row(s, model, chash, "failed", str(err)))
+    if not good:
+        return rows
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            image = load_image(path)
+            if image.shape != (good[0].height, good[0].width):
+                raise LdmGroundError(
+                    f"image {path} is {image.shape[1]}x{image.shape[0]} but the CSV says "
+                    f"{good[0].width}x{good[0].height} (fields image_width, image_height)"
+                )
+            maps = grounder(image, [s.phrase for s in good], [words_for(s) for s in good])
+        image_notes = [str(w.message) for w in caught if "smaller than the model input" in str(w.message)]
+    except LdmGroundError as err:
+        return rows + [_row(s, model, chash, "failed", str(err)) for s in good]
+    except Exception as err:  # a crash inside the model must not end the batch
+        log.exception("grounding failed on %s", path)
+        return rows + [_row(s, model, chash, "failed", f"{type(err).__name__}: {err}") for s in good]
+    seconds = (time.perf_counter() - start) / len(good)
+    for s, hm, extra in zip(good, maps.maps, maps.notes, strict=True):
+        msgs = notes[s.sample_id] + list(extra) + image_notes
+        if not np.isfinite(hm).any():
+            rows.append(_row(s, model, chash, "failed", "heatmap is all NaN"))
+            continue
+        finite = hm[np.isfinite(hm)]
+        if finite.max() == finite.min():
+            msgs.append("constant heatmap")
+        values = all_metrics(hm, s.boxes)
+        rows.append(
+            _row(s, model, chash, "ok", "; ".join(msgs), unet_evals=maps.unet_evals, seconds=seconds, **values)
+        )
+    return rows
+
+
+def summarize(results: pd.DataFrame) -> pd.DataFrame:
+    """Per-category mean and std of every metric over succeeded samples, plus the macro
+    mean over categories (``category="macro"``) and the mean over samples (``"all"``)."""
+    ok = results[results["status"] == "ok"].copy()
+    ok[METRICS] = ok[METRICS].astype(float)
+    if ok.empty:
+        return pd.DataFrame(columns=["category", "n"])
+    grouped = ok.groupby("category")[METRICS]
+    summary = grouped.mean().add_suffix("_mean").join(grouped.std(ddof=0).add_suffix("_std"))
+    summary.insert(0, "n", ok.groupby("category").size())
+    macro = summary.drop(columns="n").mean().to_frame().T
+    macro.insert(0, "n", len(ok))
+    macro.index = ["macro"]
+    overall = ok[METRICS].mean().add_suffix("_mean").to_frame().T.join(
+        ok[METRICS].std(ddof=0).add_suffix("_std").to_frame().T
+    )
+    overall.insert(0, "n", len(ok))
+    overall.index = ["all"]
+    out = pd.concat([summary, macro, overall])
+    out.index.name = "category"
+    return out.reset_index()
+
+
+def evaluate(
+    model: str | Grounder,
+    dataset: str | Path,
+    images: str | Path | None,
+    out_dir: str | Path,
+    config: GroundingConfig,
+    split: str | None = None,
+    limit: int | None = None,
+    shard: tuple[int, int] = (0, 1),
+    device: str | None = None,
+    retry_failed: bool = False,
+    progress: bool = True,
+    on_image_done: Callable[[str], None] | None = None,
+    finalize: bool = True,
+) -> EvaluationReport:
+    """Evaluate a model (spec or :class:`Grounder`) on an MS-CXR-format CSV.
+
+    Args:
+        model: model spec (``tiny``, ``demo``, ``centre-prior``, ``random:<spec>``, a folder,
+            a repo id) or a ready :class:`Grounder`.
+        dataset: the CSV; ``images``: the folder its ``path`` column is relative to.
+        out_dir: results folder (created); reruns resume in it.
+        limit: evaluate only the first ``limit`` samples (after the split filter).
+        shard: ``(i, n)``: this process takes the images whose path hash is i mod n.
+        retry_failed: recompute samples stored as failed.
+        finalize: write results.csv / summary.csv / run.json (the last process does it).
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    size = model.image_size if isinstance(model, Grounder) else None
+    samples, counts = load_mscxr(dataset, images, split=split, crop_size=size or 512, check_files=False)
+    root = Path(images) if images is not None else Path(dataset).parent
+    if limit is not None:
+        samples = samples[:limit]
+    present = [s for s in samples if s.image_path(root).is_file()]
+    if samples and not present:
+        raise LdmGroundError(f"none of the {len(samples)} images exists under {root}; check --images")
+    grounder = model if isinstance(model, Grounder) else make_grounder(model, config, device)
+    out.mkdir(parents=True, exist_ok=True)
+    chash = config.digest()
+    store = ResultStore(out / "results.sqlite")
+    done = store.done_keys()
+    if retry_failed:
+        failed = set(store.frame(grounder.spec, chash).query("status == 'failed'")["key"])
+        done -= failed
+    mine = [s for s in samples if in_shard(s.path, shard)]
+    todo = [s for s in mine if sample_key(s.sample_id, chash, grounder.spec) not in done]
+    skipped = len(mine) - len(todo)
+    by_image: dict[str, list[Sample]] = {}
+    for s in todo:
+        by_image.setdefault(s.path, []).append(s)
+    words_for = _class_words if config.tokens == "class" else (lambda s: [])
+    succeeded = failed_n = 0
+    bar = tqdm(total=len(todo), desc=f"evaluate {grounder.spec}", unit="sample", disable=not progress)
+    for path, group in by_image.items():
+        rows = _ground_image(grounder, root / path, group, grounder.spec, chash, words_for)
+        store.write(rows)
+        succeeded += sum(r["status"] == "ok" for r in rows)
+        failed_n += sum(r["status"] != "ok" for r in rows)
+        bar.update(len(rows))
+        if on_image_done:
+            on_image_done(path)
+    bar.close()
+    results = store.frame(grounder.spec, chash)
+    keys = {sample_key(s.sample_id, chash, grounder.spec) for s in samples}
+    results = results[results["key"].isin(keys)].reset_index(drop=True)
+    summary = summarize(results)
+    if finalize:
+        results.drop(columns="key").to_csv(out / "results.csv", index=False)
+        summary.to_csv(out / "summary.csv", index=False)
+        _write_provenance(out, grounder, config, dataset, counts)
+    store.close()
+    return EvaluationReport(out, succeeded, failed_n, skipped, summary, results)
+
+
+def _class_words(sample: Sample) -> list[str]:
+    return [sample.category]
+
+
+def _write_provenance(out: Path, grounder: Grounder, config: GroundingConfig, dataset, counts: dict) -> None:
+    from .models import sha256_file
+
+    info = {
+        "ldmground_version": __version__,
+        "model": grounder.spec,
+        "config": config.to_dict(),
+        "config_hash": config.digest(),
+        "dataset": str(dataset),
+        "dataset_counts": counts,
+        "weights_sha256": {p.parent.name + "/" + p.name: sha256_file(p) for p in grounder.weight_files},
+    }
+    tmp = out / "run.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.replace(out / "run.json")

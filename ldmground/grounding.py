@@ -1,0 +1,217 @@
+"""``ground``: one image, one or more phrases -> heatmaps, as in Vilouras et al.
+
+The whole method in order: preprocess the X-ray, encode it to a latent, DDIM-invert it with
+the empty prompt while the phrases' cross-attention is recorded inside the timestep window,
+aggregate the maps, post-process, and map the heatmap back to the original image.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .attention import AttentionRecorder, PhraseRow
+from .config import GroundingConfig, get_preset
+from .heatmap import Geometry, postprocess, preprocess
+from .inversion import ddim_invert, make_scheduler
+from .models import GroundingPipeline
+from .tokens import TokenSelection, select_tokens
+
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class GroundingResult:
+    """The heatmap of one phrase on one image.
+
+    Attributes:
+        heatmap: (H, W) float32 in [0, 1] on the original image, NaN outside the crop.
+        model_heatmap: (S, S) float32 in [0, 1] in the model frame.
+        raw_map: (S, S) float32: aggregated attention before post-processing.
+        tokens: the token positions that were read.
+        unet_evals: UNet evaluations spent on the image (shared by its phrases).
+        seconds: wall time of the image (shared by its phrases).
+        warnings: notes to keep with the result (e.g. truncation).
+    """
+
+    phrase: str
+    heatmap: np.ndarray
+    model_heatmap: np.ndarray
+    raw_map: np.ndarray
+    geometry: Geometry
+    tokens: TokenSelection
+    unet_evals: int
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AttentionCache:
+    """Every recorded (layer, step) map of one image, for re-aggregation without the UNet.
+
+    ``maps[p][(layer, step)]`` is a (T, h, w) tensor: one map per selected token of phrase p.
+    """
+
+    maps: list[dict[tuple[int, int], torch.Tensor]]
+    tokens: list[TokenSelection]
+    geometry: Geometry
+    image_size: int
+
+
+def _as_config(config: GroundingConfig | str | None) -> GroundingConfig:
+    if config is None:
+        return get_preset("paper")
+    return get_preset(config) if isinstance(config, str) else config
+
+
+def run_attention(
+    pipe: GroundingPipeline,
+    image: np.ndarray,
+    phrases: Sequence[str],
+    config: GroundingConfig | str | None = None,
+    words: Sequence[Sequence[str] | None] | None = None,
+    keep_maps: bool = False,
+):
+    """Invert ``image`` once and record the attention of all ``phrases`` (one batch).
+
+    Returns (recorder store, token selections, geometry, unet_evals, seconds).
+    """
+    cfg = _as_config(config)
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    pixels, geo = preprocess(image, pipe.image_size)
+    words = words or [None] * len(phrases)
+    selections = [
+        select_tokens(pipe.tokenizer, p, list(w) if w else None, pipe.max_length) for p, w in zip(phrases, words, strict=True)
+    ]
+    if cfg.tokens == "phrase":
+        selections = [
+            s if not w else select_tokens(pipe.tokenizer, p, None, pipe.max_length)
+            for s, p, w in zip(selections, phrases, words, strict=True)
+        ]
+    device = pipe.device
+    latent = pipe.encode_image(torch.from_numpy(pixels)[None, None].to(device))
+    uncond, uncond_mask = pipe.encode_text([""])
+    states, mask = pipe.encode_text(list(phrases))
+    use_mask = pipe.use_attention_mask
+    scheduler = make_scheduler(pipe.scheduler_config, cfg.timestep_spacing)
+
+    def predict(x, t, ctx, m):
+        kwargs = {"encoder_attention_mask": m} if (use_mask and m is not None) else {}
+        return pipe.unet(x, t, encoder_hidden_states=ctx, **kwargs).sample
+
+    recorder = AttentionRecorder(pipe.unet, cfg.layers, normalize=cfg.normalize_maps, keep_maps=keep_maps)
+    with recorder:
+        recorder.begin([PhraseRow(1 + i, s.positions) for i, s in enumerate(selections)], tuple(latent.shape[-2:]))
+        result = ddim_invert(
+            predict,
+            latent,
+            scheduler,
+            cfg.num_inference_steps,
+            uncond,
+            uncond_mask if use_mask else None,
+            states,
+            mask if use_mask else None,
+            read_steps=cfg.window_indices(),
+            recorder=recorder,
+            autocast_dtype=_DTYPES[cfg.dtype],
+        )
+    return recorder.store, selections, geo, result.unet_evals, time.perf_counter() - start
+
+
+def ground(
+    pipe: GroundingPipeline,
+    image: np.ndarray,
+    phrases: str | Sequence[str],
+    config: GroundingConfig | str | None = None,
+    words: Sequence[Sequence[str] | None] | None = None,
+) -> list[GroundingResult]:
+    """Heatmaps of ``phrases`` on ``image``; the image is inverted once for all phrases.
+
+    Args:
+        pipe: a :class:`~ldmground.models.GroundingPipeline`.
+        image: (H, W) float in [0, 1] (see :func:`ldmground.heatmap.load_image`).
+        phrases: one phrase or a list of phrases about this image.
+        config: a :class:`GroundingConfig` or a preset name (default ``"paper"``).
+        words: per phrase, words to restrict the tokens to when ``config.tokens == "class"``
+            (e.g. the finding's class name).
+    """
+    cfg = _as_config(config)
+    if isinstance(phrases, str):
+        phrases = [phrases]
+    keep = cfg.pooling != "mean"
+    store, selections, geo, evals, seconds = run_attention(pipe, image, phrases, cfg, words, keep_maps=keep)
+    size = pipe.image_size
+    results = []
+    for i, (phrase, sel) in enumerate(zip(phrases, selections, strict=True)):
+        if keep:
+            raw = pool_maps(store.maps[i], cfg, (size, size))
+        else:
+            raw = store.mean_map(i, (size, size)).numpy()
+        model_hm = postprocess(raw, cfg)
+        results.append(
+            GroundingResult(
+                phrase=phrase,
+                heatmap=geo.to_original(model_hm),
+                model_heatmap=model_hm,
+                raw_map=raw.astype(np.float32),
+                geometry=geo,
+                tokens=sel,
+                unet_evals=evals,
+                seconds=seconds,
+                warnings=list(sel.warnings),
+            )
+        )
+    return results
+
+
+def pool_maps(
+    maps: dict[tuple[int, int], torch.Tensor],
+    cfg: GroundingConfig,
+    size: tuple[int, int],
+    layers: Sequence[int] | None = None,
+    steps: Sequence[int] | None = None,
+    token_index: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Aggregate kept (T, h, w) maps: choose layers/steps/tokens, normalise, upsample, pool.
+
+    Returns an (H, W) float32 map (before post-processing).
+    """
+    from .attention import _upsample, minmax
+
+    chosen = []
+    for (layer, step), tok_maps in sorted(maps.items()):
+        if layers is not None and layer not in layers:
+            continue
+        if steps is not None and step not in steps:
+            continue
+        m = tok_maps if token_index is None else tok_maps[list(token_index)]
+        m = m.mean(dim=0)
+        if cfg.normalize_maps:
+            m = minmax(m)
+        chosen.append(_upsample(m, size))
+    if not chosen:
+        raise ValueError("no (layer, step) map matches the selection")
+    stack = torch.stack(chosen)
+    if cfg.pooling == "mean":
+        out = stack.mean(0)
+    elif cfg.pooling == "max":
+        out = stack.max(0).values
+    elif cfg.pooling == "median":
+        out = stack.median(0).values
+    else:
+        raise ValueError(f"unknown pooling {cfg.pooling!r}")
+    return out.numpy().astype(np.float32)
+
+
+def attention_cache(
+    pipe: GroundingPipeline, image: np.ndarray, phrases: Sequence[str], config: GroundingConfig | str | None = None
+) -> AttentionCache:
+    """Record every layer at every step of the window once, for interactive exploration."""
+    cfg = _as_config(config).replace(layers=None, tokens="phrase")
+    store, selections, geo, _, _ = run_attention(pipe, image, phrases, cfg, keep_maps=True)
+    return AttentionCache(store.maps, selections, geo, pipe.image_size)
