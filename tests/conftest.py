@@ -1,0 +1,22 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    from ldmground.models import load_pipeline
+
+    return load_pipeline("tiny")
+
+
+@pytest.fixture(scope="session")
+def xray():
+    """A 72 x 90 (H x W) synthetic 'X-ray' in [0, 1] with a bright blob on the image left."""
+    yy, xx = np.mgrid[0:72, 0:90]
+    img = 0.3 + 0.4 * np.exp(-((xx - 25) ** 2 + (yy - 40) ** 2) / 80.0)
+    return img.astype(np.float32)

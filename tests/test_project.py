@@ -1,0 +1,30 @@
+"""The project's own promises: dependency lists agree, notebooks carry no outputs."""
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=!~ ;\[]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_environment_yml_matches_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = set(project["dependencies"]) | set(project["optional-dependencies"]["test"])
+    lines = (ROOT / "environment.yml").read_text().splitlines()
+    start = lines.index("  - pip:")
+    pip_reqs = {ln.strip()[2:] for ln in lines[start + 1 :] if ln.strip().startswith("- ")}
+    assert pip_reqs == wanted  # same names and the same version bounds
+
+
+def test_notebooks_have_no_outputs():
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        nb = json.loads(path.read_text())
+        for cell in nb["cells"]:
+            if cell["cell_type"] == "code":
+                assert not cell.get("outputs"), f"{path.name} has stored outputs"
+                assert cell.get("execution_count") is None, f"{path.name} has execution counts"
