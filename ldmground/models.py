@@ -320,6 +320,10 @@ def _load_folder(source: str | Path, text_encoder: str | None, spec: str) -> Gro
     try:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", use_safetensors=True).eval()
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", use_safetensors=True).eval()
+        if extra.get("architecture"):
+            from .convert_monai import apply_architecture
+
+            apply_architecture(vae, extra)  # e.g. MONAI's VAE has no SiLU before its last convs
         sched = dict(DDIMScheduler.load_config(source, subfolder="scheduler"))
     except (OSError, ValueError, EnvironmentError) as err:
         raise LdmGroundError(f"cannot load model {source!r}: {err}") from err
