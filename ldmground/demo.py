@@ -1,0 +1,366 @@
+"""The demo model: a small latent diffusion model trained here on phantom X-rays.
+
+It exists so that the method can be shown working offline. It is trained only to
+*generate* phantom X-rays from report phrases (plain v-prediction denoising loss, with a
+higher weight on the named finding's pixels); grounding is then read zero-shot from its
+cross-attention exactly as for the paper's model.
+
+Architecture (mirrors the paper's model where cheap):
+* ``AutoencoderKL``: 1-channel 64 x 64 image -> 3 x 16 x 16 latent (trained first);
+* ``UNet2DConditionModel``: v-prediction, cross-attention at the 16 x 16 and 8 x 8 levels,
+  conditioned on the frozen MiniLM-L6 token states (384-d, 16 tokens, padding masked);
+* the paper's DDIM scheduler config (scaled_linear 0.0015 -> 0.0205, 1000 steps).
+
+Training data: phantom images (``ldmground.phantom.render_sample``) rendered at 256 px and
+brought to 64 px by the same transform used at inference, with one or two findings per
+image and one training pair per (image, finding phrase).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import LdmGroundError
+
+log = logging.getLogger(__name__)
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
+
+
+def demo_dir() -> Path:
+    """The committed demo model folder; its weights are checked against recorded hashes."""
+    if not (DEMO_DIR / "unet").is_dir():
+        raise LdmGroundError(f"the demo model is not in {DEMO_DIR}; train it with `ldmground train-demo`")
+    verify_hashes(DEMO_DIR)
+    return DEMO_DIR
+
+
+def verify_hashes(folder: Path) -> None:
+    """Compare every weights file with ``SHA256SUMS``; a mismatch is an error."""
+    from .models import sha256_file
+
+    sums = folder / "SHA256SUMS"
+    if not sums.is_file():
+        raise LdmGroundError(f"{sums} is missing: cannot check the demo weights")
+    for line in sums.read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        if sha256_file(folder / name) != digest:
+            raise LdmGroundError(f"{folder / name} does not match its SHA-256 in {sums}; re-fetch or retrain it")
+
+
+def write_hashes(folder: Path) -> None:
+    from .models import sha256_file
+
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.glob("*/*.safetensors"))
+    (folder / "SHA256SUMS").write_text("".join(f"{sha256_file(folder / f)}  {f}\n" for f in files))
+
+
+@dataclass
+class DemoTrainConfig:
+    """Settings of ``ldmground train-demo`` (defaults: the committed model)."""
+
+    out: str = "runs/demo"
+    n_train: int = 6000
+    n_val: int = 100
+    seed: int = 0
+    image_size: int = 64
+    render_size: int = 256
+    two_finding_fraction: float = 0.6
+    vae_steps: int = 800
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    steps: int = 12000
+    batch: int = 32
+    lr: float = 3e-4
+    ema_decay: float = 0.999
+    cfg_dropout: float = 0.1
+    mask_weight: float = 4.0
+    checkpoint_every: int = 500
+    snapshot_every: int = 1000
+    threads: int = 2
+    bf16: bool = False
+    max_minutes: float = 0.0
+
+
+def demo_unet(cross_attention_dim: int = 384, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(64, 96, 128),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        mid_block_type="UNetMidBlock2D",
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=32,
+        norm_num_groups=32,
+    )
+
+
+def demo_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        latent_channels=3,
+        block_out_channels=(16, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingSet:
+    """Images (N, 64, 64) float32 in [0, 1]; pairs: (image index, phrase, mask (16, 16))."""
+
+    images: np.ndarray
+    pair_image: np.ndarray
+    pair_phrase: list[str]
+    pair_mask: np.ndarray
+
+
+def make_training_set(n: int, seed: int, split: str, cfg: DemoTrainConfig, progress: bool = True) -> TrainingSet:
+    """Render ``n`` phantom images and their (phrase, finding mask) pairs."""
+    from tqdm.auto import tqdm
+
+    from .heatmap import preprocess
+    from .phantom import _image_rng, render_sample
+
+    latent = cfg.image_size // 4
+    images, pair_image, pair_phrase, pair_mask = [], [], [], []
+    for i in tqdm(range(n), desc=f"render {split}", disable=not progress):
+        rng = _image_rng(seed, i, split)
+        k = 2 if rng.random() < cfg.two_finding_fraction else 1
+        img, findings = render_sample(rng, size=cfg.render_size, findings_per_image=k)
+        small, _ = preprocess(img.astype(np.float32) / 255.0, cfg.image_size)
+        images.append(small)
+        for f in findings:
+            m = torch.from_numpy(f.mask.astype(np.float32))[None, None]
+            pair_image.append(i)
+            pair_phrase.append(f.phrase)
+            pair_mask.append(F.adaptive_avg_pool2d(m, latent)[0, 0].numpy())
+    return TrainingSet(np.stack(images), np.array(pair_image), pair_phrase, np.stack(pair_mask))
+
+
+# --- training -----------------------------------------------------------------------------
+
+
+def _save_state(path: Path, model, opt, ema, step: int) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_suffix(".tmp")
+    torch.save({"opt": opt.state_dict(), "step": step}, tmp)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path.with_suffix(".model.safetensors"))
+    if ema is not None:
+        save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()}, path.with_suffix(".ema.safetensors"))
+    tmp.replace(path)
+
+
+def _load_state(path: Path, model, opt, ema) -> int:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return 0
+    state = torch.load(path, weights_only=True)
+    model.load_state_dict(load_file(path.with_suffix(".model.safetensors")))
+    opt.load_state_dict(state["opt"])
+    if ema is not None:
+        ema.module.load_state_dict(load_file(path.with_suffix(".ema.safetensors")))
+    log.info("resumed %s at step %d", path.name, state["step"])
+    return int(state["step"])
+
+
+def _autocast(cfg: DemoTrainConfig):
+    from contextlib import nullcontext
+
+    return torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+
+
+def train_vae(data: TrainingSet, cfg: DemoTrainConfig, out: Path, progress: bool = True):
+    """Train the autoencoder (L1 + small KL); returns it with its latent scaling factor."""
+    from tqdm.auto import tqdm
+
+    vae = demo_vae(cfg.seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
+    ckpt = out / "vae.ckpt"
+    start = _load_state(ckpt, vae, opt, None)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    images = torch.from_numpy(data.images)[:, None]
+    vae.train()
+    for step in tqdm(range(start, cfg.vae_steps), desc="train VAE", initial=start, total=cfg.vae_steps,
+                     disable=not progress):
+        idx = torch.randint(len(images), (cfg.vae_batch,), generator=gen)
+        x = images[idx] * 2 - 1
+        with _autocast(cfg):
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample(generator=gen)).sample
+        loss = (rec.float() - x).abs().mean() + cfg.kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
+            _save_state(ckpt, vae, opt, None, step + 1)
+            log.info("VAE step %d loss %.4f", step + 1, loss.item())
+    vae.eval()
+    return vae
+
+
+@torch.no_grad()
+def encode_all(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+    x = torch.from_numpy(images)[:, None] * 2 - 1
+    return torch.cat([vae.encode(x[i : i + batch]).latent_dist.mean for i in range(0, len(x), batch)])
+
+
+@torch.no_grad()
+def encode_phrases(tokenizer, encoder, phrases: list[str], max_length: int = 16):
+    enc = tokenizer(phrases, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    states = encoder(enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    return states, enc["attention_mask"]
+
+
+def train_unet(data: TrainingSet, latents: torch.Tensor, cfg: DemoTrainConfig, out: Path, progress: bool = True):
+    """Train the UNet with mask-weighted v-prediction loss and classifier-free dropout."""
+    from diffusers import DDIMScheduler
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from tqdm.auto import tqdm
+
+    from .models import PAPER_SCHEDULER, load_text_components
+
+    tok, enc, info = load_text_components("minilm")
+    unique = sorted(set(data.pair_phrase))
+    states, masks = encode_phrases(tok, enc, [""] + unique, info["max_length"])
+    phrase_index = torch.tensor([1 + unique.index(p) for p in data.pair_phrase])
+    sched = DDIMScheduler.from_config(PAPER_SCHEDULER)
+    unet = demo_unet(states.shape[-1], cfg.seed)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=1e-2)
+    ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
+    ckpt = out / "unet.ckpt"
+    start = _load_state(ckpt, unet, opt, ema)
+    gen = torch.Generator().manual_seed(cfg.seed + 2 + start)  # a resumed run draws new batches
+    pair_image = torch.from_numpy(data.pair_image)
+    pair_mask = torch.from_numpy(data.pair_mask)
+    t0 = time.time()
+    unet.train()
+    bar = tqdm(range(start, cfg.steps), desc="train UNet", initial=start, total=cfg.steps, disable=not progress)
+    for step in bar:
+        idx = torch.randint(len(pair_image), (cfg.batch,), generator=gen)
+        z0 = latents[pair_image[idx]]
+        pidx = phrase_index[idx].clone()
+        drop = torch.rand(cfg.batch, generator=gen) < cfg.cfg_dropout
+        pidx[drop] = 0
+        weight = 1 + cfg.mask_weight * pair_mask[idx][:, None] * (~drop).float()[:, None, None, None]
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch,), generator=gen)
+        zt = sched.add_noise(z0, noise, t)
+        target = sched.get_velocity(z0, noise, t)
+        with _autocast(cfg):
+            pred = unet(zt, t, encoder_hidden_states=states[pidx], encoder_attention_mask=masks[pidx]).sample
+        loss = (weight * (pred.float() - target) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        ema.update_parameters(unet)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        done = step + 1
+        if done % cfg.snapshot_every == 0:
+            from safetensors.torch import save_file
+
+            # EMA snapshots let the grounding-vs-steps curve be measured afterwards.
+            snap = {k: v.contiguous() for k, v in ema.module.state_dict().items()}
+            save_file(snap, out / f"unet-ema-{done:06d}.safetensors")
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            _save_state(ckpt, unet, opt, ema, done)
+            log.info("UNet step %d loss %.4f (%.1f min)", done, loss.item(), (time.time() - t0) / 60)
+        if cfg.max_minutes and time.time() - t0 > cfg.max_minutes * 60:
+            _save_state(ckpt, unet, opt, ema, done)
+            log.info("time budget reached at step %d; rerun the same command to continue", done)
+            return ema.module.eval(), done
+    return ema.module.eval(), cfg.steps
+
+
+def export_demo(vae, unet, scaling_factor: float, cfg: DemoTrainConfig, steps_done: int, dest: Path, notes: dict) -> Path:
+    """Write the demo model folder (safetensors + hashes) that ``load_pipeline`` reads."""
+    from diffusers import DDIMScheduler
+
+    from .models import PAPER_SCHEDULER, PIPELINE_FILE
+
+    dest.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(dest / "unet", safe_serialization=True)
+    vae.save_pretrained(dest / "vae", safe_serialization=True)
+    DDIMScheduler.from_config(PAPER_SCHEDULER).save_config(dest / "scheduler")
+    meta = {
+        "image_size": cfg.image_size,
+        "scaling_factor": scaling_factor,
+        "use_attention_mask": True,
+        "max_length": 16,
+        "text_encoder": "minilm",
+        "training": {**asdict(cfg), "unet_steps_done": steps_done, **notes},
+    }
+    (dest / PIPELINE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    write_hashes(dest)
+    return dest
+
+
+def train_demo(cfg: DemoTrainConfig, export_to: Path | None = None, progress: bool = True) -> Path:
+    """Everything ``ldmground train-demo`` does: data, VAE, latents, UNet, export."""
+    import platform
+
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    start = time.time()
+    data = make_training_set(cfg.n_train, cfg.seed, "train", cfg, progress)
+    vae = train_vae(data, cfg, out, progress)
+    latents = encode_all(vae, data.images)
+    scaling = float(1.0 / latents.std())
+    unet, done = train_unet(data, latents * scaling, cfg, out, progress)
+    notes = {
+        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+        "wall_minutes_this_call": round((time.time() - start) / 60, 1),
+    }
+    return export_demo(vae, unet, scaling, cfg, done, export_to or out / "model", notes)
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train-demo", help="train the phantom demo LDM from scratch (resumable)")
+    defaults = DemoTrainConfig()
+    for name, value in asdict(defaults).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        else:
+            p.add_argument(flag, type=type(value), default=value, help=f"(default: {value})")
+    p.add_argument("--export", help="model folder to write at the end (default: OUT/model)")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    fields = {k: getattr(args, k) for k in asdict(DemoTrainConfig())}
+    cfg = DemoTrainConfig(**fields)
+    dest = train_demo(cfg, Path(args.export) if args.export else None)
+    print(f"wrote demo model {dest}")
+    return 0
