@@ -1,0 +1,276 @@
+"""Cost of grounding one image-phrase pair: ldmground vs the reference procedure.
+
+Variants, each run in its own subprocess so that peak RSS is its own:
+  (a) ldmground     - inversion stops after the window, phrase branch only inside it,
+                      only the selected cross-attention layers/tokens recorded, aggregated
+                      on the fly;
+  (b) reference     - a re-creation of the reference procedure from its description: the
+                      full walk t = 0, r, 2r, ... < 1000 (r = 1000 // N; 334 steps for N=300),
+                      a batch of [empty, phrase] at every step, the probabilities of every
+                      attention layer (self-attention included) kept on the host at every
+                      step, aggregated afterwards;
+  (c) bare          - the same UNet forwards as (a) (same batches) with nothing recorded.
+
+Prints one line per variant and a final line
+  RATIO reference/ldmground=<x> overhead=<(a)/(c)> evals=<n> attn_mb=<a> ref_attn_mb=<b>
+
+Examples:
+  python benchmarks/bench_grounding.py --quick                   # tiny model, < 1 min
+  python benchmarks/bench_grounding.py --model paper-random --steps 30
+  python benchmarks/bench_grounding.py --model paper-random --dtype bf16 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def build_pipeline(model: str, device: str):
+    from ldmground.models import load_pipeline
+
+    if model != "paper-random":
+        return load_pipeline(model, device=device)
+    # The paper model's architecture with seeded random weights: a fake MONAI bundle,
+    # converted by our converter, plus a small random 1024-d CLIP (the text encoder's size
+    # does not change the UNet's cost).
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldmground.convert_monai import convert_monai, write_fake_bundle
+    from ldmground.models import clip_tokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix="paper-random-"))
+    write_fake_bundle(tmp / "bundle", scale="full", seed=0)
+    convert_monai(tmp / "bundle", tmp / "model", text_encoder="none")
+    torch.manual_seed(0)
+    enc = CLIPTextModel(
+        CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=1024, num_hidden_layers=2,
+                       num_attention_heads=16, max_position_embeddings=77, eos_token_id=49407, pad_token_id=0)
+    ).eval()
+    import ldmground.models as models
+
+    real = models.load_text_components
+    models.load_text_components = lambda spec, seed=0: (clip_tokenizer(), enc, {"max_length": 77, "use_attention_mask": False})
+    try:
+        pipe = load_pipeline(str(tmp / "model"), text_encoder="random-1024")
+    finally:
+        models.load_text_components = real
+    pipe.spec = "paper-random"
+    return pipe.to(device)
+
+
+def count_calls(unet) -> list[int]:
+    """Counts UNet evaluations (batch rows) through a forward pre-hook."""
+    counter = [0]
+
+    def hook(module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        counter[0] += sample.shape[0]
+
+    unet.register_forward_pre_hook(hook, with_kwargs=True)
+    return counter
+
+
+def test_image(size: int) -> np.ndarray:
+    path = Path(__file__).resolve().parents[1] / "data" / "phantom" / "images" / "phantom-test-00005.png"
+    from ldmground.heatmap import load_image
+
+    img = load_image(path)
+    if size != img.shape[0]:
+        from PIL import Image
+
+        img = np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+    return img
+
+
+PHRASE = "Right pleural effusion, large"
+
+
+def run_ldmground(pipe, image, cfg, bare: bool = False) -> dict:
+    from ldmground.grounding import ground
+
+    counter = count_calls(pipe.unet)
+    if bare:
+        return run_bare(pipe, image, cfg, counter)
+    start = time.perf_counter()
+    [res] = ground(pipe, image, PHRASE, cfg)
+    seconds = time.perf_counter() - start
+    return {"evals": counter[0], "seconds": seconds, "attn_bytes": None, "heatmap": res.model_heatmap}
+
+
+def run_bare(pipe, image, cfg, counter) -> dict:
+    """The UNet forwards of (a), same batches, no recorder, no post-processing."""
+    from ldmground.grounding import _DTYPES
+    from ldmground.heatmap import preprocess
+    from ldmground.inversion import ddim_invert, make_scheduler
+
+    start = time.perf_counter()
+    pixels, _ = preprocess(image, pipe.image_size)
+    latent = pipe.encode_image(torch.from_numpy(pixels)[None, None].to(pipe.device))
+    uncond, _ = pipe.encode_text([""])
+    states, _ = pipe.encode_text([PHRASE])
+
+    def predict(x, t, ctx, m):
+        return pipe.unet(x, t, encoder_hidden_states=ctx).sample
+
+    ddim_invert(predict, latent, make_scheduler(pipe.scheduler_config, cfg.timestep_spacing), cfg.num_inference_steps,
+                uncond, None, states, None, read_steps=cfg.window_indices(), autocast_dtype=_DTYPES[cfg.dtype])
+    return {"evals": counter[0], "seconds": time.perf_counter() - start, "attn_bytes": 0, "heatmap": None}
+
+
+class KeepEverything:
+    """Reference-style processor: attention probabilities of every row, kept on the host."""
+
+    def __init__(self, inner, name, sink):
+        self.inner, self.name, self.sink = inner, name, sink
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        x = hidden_states
+        if x.ndim == 4:
+            b, c, h, w = x.shape
+            x = x.view(b, c, h * w).transpose(1, 2)
+        ctx = x if encoder_hidden_states is None else encoder_hidden_states
+        q, k = attn.head_to_batch_dim(attn.to_q(x)), attn.head_to_batch_dim(attn.to_k(ctx))
+        probs = attn.get_attention_scores(q, k, None)
+        self.sink.append((self.name, probs.float().cpu()))
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kw)
+
+
+def run_reference(pipe, image, cfg) -> dict:
+    from ldmground.attention import _upsample, cross_attention_layers, minmax
+    from ldmground.grounding import _DTYPES
+    from ldmground.heatmap import postprocess, preprocess
+    from ldmground.inversion import make_scheduler, split_prediction
+    from ldmground.tokens import select_tokens
+
+    counter = count_calls(pipe.unet)
+    start = time.perf_counter()
+    pixels, _ = preprocess(image, pipe.image_size)
+    latent = pipe.encode_image(torch.from_numpy(pixels)[None, None].to(pipe.device))
+    uncond, _ = pipe.encode_text([""])
+    states, _ = pipe.encode_text([PHRASE])
+    ctx = torch.cat([uncond, states])
+    sched = make_scheduler(pipe.scheduler_config)
+    ratio = sched.config.num_train_timesteps // cfg.num_inference_steps
+    grid = list(range(0, sched.config.num_train_timesteps, ratio))
+    alphas = sched.alphas_cumprod.to(pipe.device)
+    sink: list = []
+    steps: list[list] = []
+    original = dict(pipe.unet.attn_processors)
+    pipe.unet.set_attn_processor({n: KeepEverything(p, n, sink) for n, p in original.items()})
+    amp = torch.autocast(pipe.device.type, dtype=_DTYPES[cfg.dtype]) if _DTYPES[cfg.dtype] else torch.autocast(
+        pipe.device.type, enabled=False)
+    x = latent
+    try:
+        for i, t in enumerate(grid):
+            with torch.no_grad(), amp:
+                out = pipe.unet(x.expand(2, *x.shape[1:]), t, encoder_hidden_states=ctx).sample
+            steps.append(sink[:])
+            sink.clear()
+            if i + 1 < len(grid):
+                x0, eps = split_prediction(out[:1].float(), x, alphas[t], sched.config.prediction_type)
+                x = alphas[grid[i + 1]].sqrt() * x0 + (1 - alphas[grid[i + 1]]).sqrt() * eps
+    finally:
+        pipe.unet.set_attn_processor(original)
+    held = sum(p.numel() * p.element_size() for step in steps for _, p in step)
+    # aggregate afterwards, as the reference does
+    names = cross_attention_layers(pipe.unet)
+    chosen = {names[i]: i for i in (cfg.layers if cfg.layers is not None else range(len(names)))}
+    positions = list(select_tokens(pipe.tokenizer, PHRASE, None, pipe.max_length).positions)
+    lh, lw = latent.shape[-2:]
+    size = (pipe.image_size, pipe.image_size)
+    maps = []
+    for i in cfg.window_indices():
+        for name, probs in steps[i]:
+            if name not in chosen:
+                continue
+            heads = probs.shape[0] // 2
+            p = probs[heads:].mean(0)[:, positions].mean(-1)  # phrase row, mean over heads, tokens
+            f = int(round((lh * lw / p.shape[0]) ** 0.5))
+            maps.append(_upsample(minmax(p.view(lh // f, lw // f)), size))
+    heat = postprocess(torch.stack(maps).mean(0).numpy(), cfg)
+    return {"evals": counter[0], "seconds": time.perf_counter() - start, "attn_bytes": held, "heatmap": heat}
+
+
+def child(args) -> None:
+    torch.set_num_threads(args.threads)
+    from ldmground.config import get_preset
+
+    cfg = get_preset("paper").replace(num_inference_steps=args.steps, dtype=args.dtype)
+    pipe = build_pipeline(args.model, args.device)
+    image = test_image(pipe.image_size)
+    if args.variant == "ldmground":
+        from ldmground import grounding
+
+        store_bytes = {}
+        real = grounding.AttentionRecorder.__exit__
+
+        def spy(self, *exc):
+            store_bytes["b"] = self.store.bytes_held
+            return real(self, *exc)
+
+        grounding.AttentionRecorder.__exit__ = spy
+        out = run_ldmground(pipe, image, cfg)
+        out["attn_bytes"] = store_bytes["b"]
+    elif args.variant == "bare":
+        out = run_ldmground(pipe, image, cfg, bare=True)
+    else:
+        out = run_reference(pipe, image, cfg)
+    heat = out.pop("heatmap")
+    if heat is not None:
+        np.save(args.heatmap_out, heat)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(out))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny", help="tiny | paper-random | any load_pipeline spec")
+    ap.add_argument("--steps", type=int, default=300, help="DDIM steps N (paper: 300)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
+    ap.add_argument("--quick", action="store_true", help="tiny model, 100 steps: a run under a minute")
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
+    ap.add_argument("--heatmap-out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.variant:
+        return child(args)
+    if args.quick:
+        args.model, args.steps = "tiny", 100
+    results, heatmaps = {}, {}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+    for variant in ["ldmground", "reference", "bare"]:
+        hm = tmp / f"{variant}.npy"
+        cmd = [sys.executable, __file__, "--variant", variant, "--model", args.model, "--steps", str(args.steps),
+               "--dtype", args.dtype, "--device", args.device, "--threads", str(args.threads), "--heatmap-out", str(hm)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            sys.exit(f"variant {variant} failed:\n{proc.stderr[-3000:]}")
+        r = json.loads(line[0][7:])
+        results[variant] = r
+        if hm.exists():
+            heatmaps[variant] = np.load(hm)
+        print(f"{variant:10s} evals={r['evals']:4d} wall={r['seconds']:8.2f}s peak_rss={r['peak_rss_mb']:8.0f}MB "
+              f"attn_store={r["attn_bytes"] / 2**10:12.1f}KB", flush=True)
+    a, b, c = results["ldmground"], results["reference"], results["bare"]
+    diff = float(np.abs(heatmaps["ldmground"] - heatmaps["reference"]).max())
+    print(f"same heatmap: max |ldmground - reference| = {diff:.2e}  (model={args.model}, steps={args.steps}, "
+          f"dtype={args.dtype}, device={args.device}, threads={args.threads})")
+    print(f"RATIO reference/ldmground={b['seconds'] / a['seconds']:.2f} overhead={a['seconds'] / c['seconds']:.2f} "
+          f"evals={a['evals']} attn_mb={a['attn_bytes'] / 2**20:.3f} ref_attn_mb={b['attn_bytes'] / 2**20:.1f}")
+
+
+if __name__ == "__main__":
+    main()
