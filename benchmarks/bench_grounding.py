@@ -263,7 +263,7 @@ def main() -> None:
         if hm.exists():
             heatmaps[variant] = np.load(hm)
         print(f"{variant:10s} evals={r['evals']:4d} wall={r['seconds']:8.2f}s peak_rss={r['peak_rss_mb']:8.0f}MB "
-              f"attn_store={r["attn_bytes"] / 2**10:12.1f}KB", flush=True)
+              f"attn_store={r['attn_bytes'] / 2**10:12.1f}KB", flush=True)
     a, b, c = results["ldmground"], results["reference"], results["bare"]
     diff = float(np.abs(heatmaps["ldmground"] - heatmaps["reference"]).max())
     print(f"same heatmap: max |ldmground - reference| = {diff:.2e}  (model={args.model}, steps={args.steps}, "

@@ -90,13 +90,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report = evaluate(grounder, args.dataset, args.images, args.out, cfg, shard=shard,
                       retry_failed=args.retry_failed, finalize=state is None, **common)
     if state is not None:
-        # Every process has committed its shard; the main one merges and summarises.
+        from accelerate.utils import gather_object
+
+        # Every process has committed its shard; the main one merges and summarises, and
+        # its final line counts the samples of all processes.
+        counts = gather_object([(report.succeeded, report.failed, report.skipped)])
         state.wait_for_everyone()
         if not state.is_main_process:
             return 0
-        done = report
         report = evaluate(grounder, args.dataset, args.images, args.out, cfg, shard=(0, 1), **common)
-        report.succeeded, report.failed, report.skipped = done.succeeded, done.failed, done.skipped
+        report.succeeded, report.failed, report.skipped = (sum(c[i] for c in counts) for i in range(3))
     if not report.summary.empty and not args.quiet:
         cols = ["category", "n", "cnr_mean", "miou_mean", "auc_roc_mean", "pointing_mean"]
         print(report.summary[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))

@@ -14,9 +14,11 @@ columns, unknown model, no image found at all) stop before any compute.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import math
 import sqlite3
 import time
 import warnings
@@ -113,9 +115,9 @@ class DiffusionGrounder(Grounder):
     def __call__(self, image, phrases, words):
         from .grounding import ground
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            results = ground(self.pipe, image, phrases, self.config, words)
+        # No "ignore" filter here: _ground_image records the warnings (e.g. "smaller than
+        # the model input") and keeps the notes; truncation comes back in r.warnings.
+        results = ground(self.pipe, image, phrases, self.config, words)
         return Heatmaps([r.heatmap for r in results], results[0].unet_evals, [r.warnings for r in results])
 
 
@@ -215,9 +217,32 @@ def in_shard(path: str, shard: tuple[int, int]) -> bool:
     return int(hashlib.sha1(path.encode()).hexdigest(), 16) % n == i
 
 
+def _degenerate(box) -> bool:
+    return not all(math.isfinite(v) for v in box) or not (box[2] > 0 and box[3] > 0)
+
+
+def _crop_boxes(samples: list[Sample], counts: dict, size: int) -> tuple[list[Sample], dict]:
+    """The reader's crop rule (boxes wholly outside the centre crop are dropped, samples
+    left with none skipped), except that degenerate boxes (zero or negative w/h, NaN) are
+    kept, so that :func:`_validate_sample` fails the sample with a reason instead of the
+    box vanishing as "outside the crop"."""
+    kept, dropped, skipped = [], 0, 0
+    for s in samples:
+        geo = Geometry(s.width, s.height, size)
+        boxes = tuple(b for b in s.boxes if _degenerate(b) or geo.box_to_model(b) is not None)
+        dropped += len(s.boxes) - len(boxes)
+        if not boxes:
+            skipped += 1
+            continue
+        kept.append(s if len(boxes) == len(s.boxes) else dataclasses.replace(s, boxes=boxes))
+    return kept, {**counts, "samples": len(kept), "dropped_boxes": dropped, "skipped_samples": skipped}
+
+
 def _validate_sample(sample: Sample, grounder: Grounder) -> list[str]:
     notes = grounder.check_phrase(sample.phrase)
     for b in sample.boxes:
+        if not all(math.isfinite(v) for v in b):
+            raise LdmGroundError(f"box {b} has missing or non-finite coordinates (fields x, y, w, h)")
         if not b[2] > 0 or not b[3] > 0:
             raise LdmGroundError(f"zero-area box {b} (fields w, h)")
         if b[0] >= sample.width or b[1] >= sample.height or b[0] + b[2] <= 0 or b[1] + b[3] <= 0:
@@ -272,7 +297,7 @@ def _ground_image(grounder: Grounder, path: Path, samples: list[Sample], model: 
         return rows + [_row(s, model, chash, "failed", f"{type(err).__name__}: {err}") for s in good]
     seconds = (time.perf_counter() - start) / len(good)
     for s, hm, extra in zip(good, maps.maps, maps.notes, strict=True):
-        msgs = notes[s.sample_id] + list(extra) + image_notes
+        msgs = list(dict.fromkeys(notes[s.sample_id] + list(extra) + image_notes))  # check_phrase repeats some
         if not np.isfinite(hm).any():
             rows.append(_row(s, model, chash, "failed", "heatmap is all NaN"))
             continue
@@ -340,7 +365,8 @@ def evaluate(
 
     out = Path(out_dir)
     size = model.image_size if isinstance(model, Grounder) else None
-    samples, counts = load_mscxr(dataset, images, split=split, crop_size=size or 512, check_files=False)
+    samples, counts = load_mscxr(dataset, images, split=split, crop_size=None, check_files=False)
+    samples, counts = _crop_boxes(samples, counts, size or 512)
     root = Path(images) if images is not None else Path(dataset).parent
     if limit is not None:
         samples = samples[:limit]
@@ -358,6 +384,7 @@ def evaluate(
     mine = [s for s in samples if in_shard(s.path, shard)]
     todo = [s for s in mine if sample_key(s.sample_id, chash, grounder.spec) not in done]
     skipped = len(mine) - len(todo)
+    log.info("shard %d/%d: %d of %d samples to compute, %d already done", *shard, len(todo), len(mine), skipped)
     by_image: dict[str, list[Sample]] = {}
     for s in todo:
         by_image.setdefault(s.path, []).append(s)
@@ -374,8 +401,9 @@ def evaluate(
             on_image_done(path)
     bar.close()
     results = store.frame(grounder.spec, chash)
-    keys = {sample_key(s.sample_id, chash, grounder.spec) for s in samples}
-    results = results[results["key"].isin(keys)].reset_index(drop=True)
+    order = {sample_key(s.sample_id, chash, grounder.spec): i for i, s in enumerate(samples)}
+    results = results[results["key"].isin(order)]
+    results = results.iloc[results["key"].map(order).argsort(kind="stable")].reset_index(drop=True)
     summary = summarize(results)
     if finalize:
         results.drop(columns="key").to_csv(out / "results.csv", index=False)
