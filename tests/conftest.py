@@ -2,6 +2,9 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models on 2 cores: one thread avoids oversubscription (and the suite often shares the
+# machine with other work); the results are the same for any thread count to ~1e-6.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

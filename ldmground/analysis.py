@@ -1,0 +1,554 @@
+"""Sweeps and ablations from cached attention: one UNet run per image serves every variant.
+
+:func:`cache_samples` inverts each image once and keeps every (layer, step, token) map of
+its phrases (:func:`ldmground.grounding.attention_cache`). Any choice of layers, timesteps,
+tokens, pooling, normalisation, blur and Otsu is then a cheap re-aggregation
+(:func:`heatmap_from_cache`), scored on the original image against the true boxes. The
+sweep functions return long tables (one row per sample and variant) that the notebooks
+save as CSV and :mod:`ldmground.figures` plots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .config import GroundingConfig, get_preset
+from .datasets.mscxr import Sample, load_mscxr
+from .heatmap import load_image, postprocess
+from .metrics import all_metrics, miou
+
+METRICS = ["cnr", "cnr_signed", "cnr_union", "miou", "auc_roc", "auc_roc_binned", "pointing"]
+
+
+@dataclass
+class CachedSample:
+    """One image-phrase pair with all of its recorded attention.
+
+    Attributes:
+        sample: the data set row (boxes in original pixels).
+        image: (H, W) float32 in [0, 1].
+        cache: :class:`~ldmground.grounding.AttentionCache` of the image (all its phrases).
+        phrase_index: which phrase of ``cache`` this sample is.
+        class_tokens: indices into the phrase's recorded tokens that belong to the class
+            name; all tokens when the class name does not occur in the phrase; None when
+            the cache kept only the mean over tokens.
+        config: the config the cache was recorded with (its N and window).
+    """
+
+    sample: Sample
+    image: np.ndarray
+    cache: Any
+    phrase_index: int
+    class_tokens: tuple[int, ...] | None
+    config: GroundingConfig
+
+    @property
+    def maps(self) -> dict:
+        return self.cache.maps[self.phrase_index]
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({layer for layer, _ in self.maps})
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted({step for _, step in self.maps})
+
+
+def as_config(config: GroundingConfig | str) -> GroundingConfig:
+    return get_preset(config) if isinstance(config, str) else config
+
+
+def pick_samples(samples: Sequence[Sample], n: int) -> list[Sample]:
+    """``n`` samples spread round-robin over the categories (in order of appearance)."""
+    by_cat: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_cat.setdefault(s.category, []).append(s)
+    picked: list[Sample] = []
+    while len(picked) < min(n, len(samples)):
+        for cat in by_cat:
+            if by_cat[cat] and len(picked) < n:
+                picked.append(by_cat[cat].pop(0))
+    return picked
+
+
+def load_samples(
+    dataset: str | Path, images: str | Path | None, n: int | None = None, crop_size: int = 512
+) -> list[Sample]:
+    """Samples of an MS-CXR-format CSV, ``n`` of them spread over the categories (all if None)."""
+    samples, _ = load_mscxr(dataset, images, crop_size=crop_size, check_files=False)
+    return list(samples) if n is None else pick_samples(samples, n)
+
+
+def class_token_indices(tokens, category: str) -> tuple[int, ...]:
+    """Indices (into a :class:`~ldmground.tokens.TokenSelection`) of the class-name words.
+
+    Falls back to all indices when no word of ``category`` occurs in the phrase, as
+    :func:`ldmground.tokens.select_tokens` does.
+    """
+    wanted = {w.lower() for w in category.replace("-", " ").split()}
+    keep = tuple(i for i, w in enumerate(tokens.words) if w.lower() in wanted)
+    return keep or tuple(range(len(tokens.positions)))
+
+
+def full_window(config: GroundingConfig | str) -> GroundingConfig:
+    """``config`` with the window widened to every step, for per-timestep sweeps."""
+    return as_config(config).replace(window=(0.0, 1.0))
+
+
+def cache_samples(
+    pipe,
+    samples: Sequence[Sample],
+    images: str | Path,
+    config: GroundingConfig | str,
+    progress: bool = True,
+    keep_tokens: bool = True,
+    prune: bool = False,
+) -> list[CachedSample]:
+    """Invert each image once (all its phrases in one batch) and keep every map.
+
+    Args:
+        pipe: a :class:`~ldmground.models.GroundingPipeline`.
+        samples: the pairs to cache; pairs that share an image share its inversion.
+        images: the folder the samples' ``path`` is relative to.
+        config: its ``num_inference_steps`` and ``window`` decide which steps are recorded
+            (use :func:`full_window` for per-timestep sweeps); every layer is recorded.
+        keep_tokens: keep one map per token (needed for ``tokens="class"``); False keeps
+            only their mean, a T-fold saving (a 512-px model at 300 steps holds
+            ~130 MB per sample with all tokens, all layers and the full window).
+        prune: keep only the config's layers (all when None); the window is the config's.
+    """
+    from tqdm.auto import tqdm
+
+    from .grounding import attention_cache
+
+    cfg = as_config(config)
+    by_image: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_image.setdefault(s.path, []).append(s)
+    out: dict[str, CachedSample] = {}
+    for path, group in tqdm(by_image.items(), desc="invert", unit="image", disable=not progress):
+        image = load_image(Path(images) / path)
+        cache = attention_cache(pipe, image, [s.phrase for s in group], cfg)
+        for i, s in enumerate(group):
+            cache.maps[i] = {
+                key: m if keep_tokens else m.mean(dim=0, keepdim=True)
+                for key, m in cache.maps[i].items()
+                if not prune or cfg.layers is None or key[0] in cfg.layers
+            }
+            tokens = class_token_indices(cache.tokens[i], s.category) if keep_tokens else None
+            out[s.sample_id] = CachedSample(s, image, cache, i, tokens, cfg)
+    return [out[s.sample_id] for s in samples]
+
+
+def heatmap_from_cache(
+    cs: CachedSample,
+    config: GroundingConfig | str,
+    layers: Sequence[int] | None = None,
+    steps: Sequence[int] | None = None,
+    tokens: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Re-aggregate a cached sample as :func:`~ldmground.grounding.ground` would.
+
+    Args:
+        config: pooling, normalisation, post-processing; its ``layers`` (None = all) and
+            ``window`` pick the maps unless ``layers`` / ``steps`` are given. Its
+            ``num_inference_steps`` must be the one the cache was recorded with.
+        layers, steps: explicit layer indices / step indices (override the config).
+        tokens: ``"phrase"`` or ``"class"`` (default: ``config.tokens``).
+
+    Returns:
+        ((S, S) model-frame heatmap, (H, W) original-frame heatmap with NaN outside the crop).
+    """
+    from .grounding import pool_maps
+
+    cfg = as_config(config)
+    if cfg.num_inference_steps != cs.config.num_inference_steps:
+        raise ValueError(
+            f"the cache has N={cs.config.num_inference_steps} steps, the config N={cfg.num_inference_steps}"
+        )
+    layers = cfg.layers if layers is None else layers
+    steps = list(cfg.window_indices()) if steps is None else steps
+    token_index = None
+    if (tokens or cfg.tokens) == "class":
+        if cs.class_tokens is None:
+            raise ValueError("this cache kept only the mean over tokens; cache with keep_tokens=True for 'class'")
+        token_index = cs.class_tokens
+    size = cs.cache.image_size
+    raw = pool_maps(cs.maps, cfg, (size, size), layers=layers, steps=steps, token_index=token_index)
+    model_hm = postprocess(raw, cfg)
+    return model_hm, cs.cache.geometry.to_original(model_hm)
+
+
+def score(cs: CachedSample, heatmap: np.ndarray) -> dict[str, float]:
+    """All metrics of an original-frame heatmap against the sample's boxes."""
+    return all_metrics(heatmap, cs.sample.boxes)
+
+
+def _row(cs: CachedSample, metrics: Mapping[str, float], **variant: Any) -> dict[str, Any]:
+    return {"sample_id": cs.sample.sample_id, "category": cs.sample.category, **variant, **metrics}
+
+
+def sweep(
+    cached: Sequence[CachedSample],
+    variants: Iterable[tuple[dict[str, Any], dict[str, Any]]],
+    config: GroundingConfig | str,
+    progress: bool = True,
+    desc: str = "sweep",
+) -> pd.DataFrame:
+    """Score every variant on every cached sample.
+
+    Args:
+        variants: ``(labels, options)`` pairs: ``labels`` become columns of the table;
+            ``options`` may hold ``config`` changes (any :class:`GroundingConfig` field)
+            and the selection keys ``layers``, ``steps``, ``tokens``.
+        config: the base config the options change.
+
+    Returns:
+        one row per (sample, variant): sample_id, category, the labels, the metrics.
+    """
+    from tqdm.auto import tqdm
+
+    base = as_config(config)
+    variants = list(variants)
+    rows = []
+    for cs in tqdm(cached, desc=desc, unit="sample", disable=not progress):
+        for labels, options in variants:
+            opts = dict(options)
+            sel = {k: opts.pop(k) for k in ("layers", "steps", "tokens") if k in opts}
+            cfg = base.replace(**opts) if opts else base
+            _, hm = heatmap_from_cache(cs, cfg, **sel)
+            rows.append(_row(cs, score(cs, hm), **labels))
+    return pd.DataFrame(rows)
+
+
+def layer_sweep(
+    cached: Sequence[CachedSample],
+    config: GroundingConfig | str,
+    extra: Mapping[str, Sequence[int]] | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Each cross-attention layer alone, then named layer sets: the config's, ``extra``, all.
+
+    Args:
+        extra: more named layer sets, e.g. ``{"paper": (3, 4, 6, 7)}``; indices the model
+            lacks are dropped (a set left empty is skipped).
+
+    Columns ``layer`` (the layer index as text, ``"config"``, an ``extra`` name or ``"all"``)
+    and ``layers`` (the set used, e.g. ``"3,4,6,7"``).
+    """
+    cfg = as_config(config)
+    all_layers = cached[0].layers
+    sets = {str(i): [i] for i in all_layers}
+    if cfg.layers is not None:
+        sets["config"] = list(cfg.layers)
+    for name, layers in (extra or {}).items():
+        sets[name] = [i for i in layers if i in all_layers]
+    sets["all"] = list(all_layers)
+    variants = [({"layer": name, "layers": _join(ls)}, {"layers": ls}) for name, ls in sets.items() if ls]
+    return sweep(cached, variants, cfg, progress, "layers")
+
+
+def step_sweep(
+    cached: Sequence[CachedSample], config: GroundingConfig | str, pipe=None, progress: bool = True
+) -> pd.DataFrame:
+    """Each recorded timestep alone (the config's layers), over the steps the cache holds.
+
+    Columns ``step`` (index in the ascending inversion order), ``fraction`` (step / N),
+    ``in_window`` (inside the config's window) and, when ``pipe`` is given, ``t`` (train step).
+    """
+    cfg = as_config(config)
+    n = cached[0].config.num_inference_steps
+    window = set(cfg.window_indices())
+    ts = timesteps(pipe, cfg) if pipe is not None else None
+    variants = []
+    for step in cached[0].steps:
+        labels = {"step": step, "fraction": step / n, "in_window": step in window}
+        if ts is not None:
+            labels["t"] = ts[step]
+        variants.append((labels, {"steps": [step]}))
+    return sweep(cached, variants, cfg, progress, "timesteps")
+
+
+def window_sweep(
+    cached: Sequence[CachedSample],
+    config: GroundingConfig | str,
+    windows: Sequence[tuple[float, float]],
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Each timestep window (fractions of N) with the config's layers; column ``window``."""
+    cfg = as_config(config)
+    variants = [({"window": f"{a:.2f}-{b:.2f}"}, {"window": (a, b)}) for a, b in windows]
+    return sweep(cached, variants, cfg, progress, "windows")
+
+
+def aggregation_sweep(
+    cached: Sequence[CachedSample], config: GroundingConfig | str, progress: bool = True
+) -> pd.DataFrame:
+    """Per-map normalisation x pooling x tokens; columns ``normalize``, ``pooling``, ``tokens``."""
+    variants = [
+        ({"normalize": norm, "pooling": pool, "tokens": tok}, {"normalize_maps": norm, "pooling": pool, "tokens": tok})
+        for norm in (True, False)
+        for pool in ("mean", "max", "median")
+        for tok in ("phrase", "class")
+    ]
+    return sweep(cached, variants, config, progress, "aggregation")
+
+
+def postprocess_sweep(
+    cached: Sequence[CachedSample],
+    config: GroundingConfig | str,
+    sigmas: Sequence[float] = (0.0, 2.5, 5.0, 10.0, 20.0, 40.0),
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Gaussian sigma (px at 512) x Otsu on/off; columns ``sigma``, ``otsu``."""
+    variants = [({"sigma": s, "otsu": o}, {"sigma": float(s), "otsu": o}) for s in sigmas for o in (False, True)]
+    return sweep(cached, variants, config, progress, "post-processing")
+
+
+def threshold_sweep(
+    cached: Sequence[CachedSample],
+    config: GroundingConfig | str,
+    thresholds: Sequence[float] = tuple(np.round(np.arange(0.1, 1.0, 0.1), 2)),
+    progress: bool = True,
+) -> pd.DataFrame:
+    """IoU of ``heatmap > threshold`` with the union of the boxes, per threshold and Otsu.
+
+    Columns ``otsu``, ``threshold``, ``iou``.
+    """
+    from tqdm.auto import tqdm
+
+    base = as_config(config)
+    rows = []
+    for cs in tqdm(cached, desc="thresholds", unit="sample", disable=not progress):
+        for otsu in (False, True):
+            _, hm = heatmap_from_cache(cs, base.replace(otsu=otsu))
+            for t in thresholds:
+                rows.append(_row(cs, {"iou": miou(hm, cs.sample.boxes, (float(t),))}, otsu=otsu, threshold=float(t)))
+    return pd.DataFrame(rows)
+
+
+def timesteps(pipe, config: GroundingConfig | str) -> list[int]:
+    """Train-step t of every step index of the config's grid (ascending)."""
+    from .inversion import inversion_timesteps, make_scheduler
+
+    cfg = as_config(config)
+    return inversion_timesteps(make_scheduler(pipe.scheduler_config, cfg.timestep_spacing), cfg.num_inference_steps)
+
+
+def inversion_steps_sweep(
+    pipe,
+    samples: Sequence[Sample],
+    images: str | Path,
+    config: GroundingConfig | str,
+    step_counts: Sequence[int] = (10, 25, 50),
+    progress: bool = True,
+) -> pd.DataFrame:
+    """The config at several numbers of inversion steps N (same window fractions).
+
+    Every N needs its own inversion. Column ``num_inference_steps``.
+    """
+    cfg = as_config(config)
+    frames = []
+    for n in step_counts:
+        cfg_n = cfg.replace(num_inference_steps=int(n))
+        cached = cache_samples(pipe, samples, images, cfg_n, progress=progress, prune=True)
+        frames.append(sweep(cached, [({"num_inference_steps": int(n)}, {})], cfg_n, progress, f"N={n}"))
+    return pd.concat(frames, ignore_index=True)
+
+
+def summarize_sweep(df: pd.DataFrame, by: str | Sequence[str], metrics: Sequence[str] | None = None) -> pd.DataFrame:
+    """Mean, std and standard error over samples of each metric, per variant.
+
+    Returns one row per value of ``by`` with columns ``n``, ``<metric>_mean``,
+    ``<metric>_std``, ``<metric>_sem``; NaN metrics (e.g. AUC on one class) are skipped.
+    """
+    by = [by] if isinstance(by, str) else list(by)
+    metrics = [m for m in (metrics or METRICS + ["iou"]) if m in df.columns]
+    g = df.groupby(by, sort=False)[metrics]
+    mean, std, count = g.mean(), g.std(ddof=0), g.count()
+    sem = std / np.sqrt(count.clip(lower=1))
+    out = mean.add_suffix("_mean").join(std.add_suffix("_std")).join(sem.add_suffix("_sem"))
+    out.insert(0, "n", df.groupby(by, sort=False).size())
+    return out.reset_index()
+
+
+def map_panels(
+    cs: CachedSample, config: GroundingConfig | str, by: str, values: Sequence[int]
+) -> list[tuple[str, np.ndarray]]:
+    """(title, original-frame heatmap) of one sample for each layer or step in ``values``.
+
+    Args:
+        by: ``"layer"`` (each layer alone, the config's window) or ``"step"`` (each step
+            alone, the config's layers).
+    """
+    cfg = as_config(config)
+    panels = []
+    for v in values:
+        sel = {"layers": [v]} if by == "layer" else {"steps": [v]}
+        _, hm = heatmap_from_cache(cs, cfg, **sel)
+        panels.append((f"{by} {v}", hm))
+    return panels
+
+
+def save_panels(path: str | Path, cs: CachedSample, panels: Sequence[tuple[str, np.ndarray]]) -> Path:
+    """Store map panels of one sample (with its image and boxes) as ``.npz`` for re-plotting."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        path,
+        image=cs.image,
+        boxes=np.asarray(cs.sample.boxes, dtype=np.float64).reshape(-1, 4),
+        titles=np.asarray([t for t, _ in panels]),
+        maps=np.stack([m for _, m in panels]),
+        phrase=np.asarray(cs.sample.phrase),
+    )
+    return path
+
+
+def load_panels(path: str | Path) -> dict[str, Any]:
+    """What :func:`save_panels` wrote: ``panels``, ``image``, ``boxes``, ``phrase``."""
+    with np.load(path) as z:
+        return {
+            "panels": list(zip([str(t) for t in z["titles"]], list(z["maps"]), strict=True)),
+            "image": z["image"],
+            "boxes": [tuple(b) for b in z["boxes"]],
+            "phrase": str(z["phrase"]),
+        }
+
+
+def _join(values: Iterable[int]) -> str:
+    return ",".join(str(v) for v in values)
+
+
+# --- evaluation tables -----------------------------------------------------------------------
+
+
+def results_table(
+    summaries: Mapping[str, pd.DataFrame],
+    metrics: Sequence[str] = ("cnr", "miou", "auc_roc"),
+    reference: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """The paper's per-category table: one row per category plus ``macro``.
+
+    Args:
+        summaries: model name -> ``summary.csv`` of :func:`ldmground.evaluation.evaluate`.
+        metrics: which means to show; mIoU is shown in %, as in the paper.
+        reference: long table of published numbers (``ldmground.reference.PAPER_TABLE``):
+            its methods are added as columns ``<method> cnr`` / ``<method> miou``.
+
+    Returns:
+        DataFrame indexed by category, columns ``"<model> <metric>"``, and ``n``.
+    """
+    frames = []
+    order: list[str] = []
+    for name, summ in summaries.items():
+        s = summ.set_index("category")
+        s = s.drop(index=[i for i in ("all",) if i in s.index])
+        cols = {f"{m}_mean": f"{name} {m}" for m in metrics if f"{m}_mean" in s.columns}
+        part = s[list(cols)].rename(columns=cols)
+        for c in part.columns:
+            if c.endswith(" miou"):
+                part[c] = part[c] * 100
+        if not frames:
+            part.insert(0, "n", s["n"])
+        frames.append(part)
+        order += [c for c in s.index if c not in order]
+    table = pd.concat(frames, axis=1)
+    if reference is not None:
+        ref = reference.set_index("category")
+        parts = {}
+        for method in reference["method"].unique():
+            rows = ref[ref["method"] == method]
+            parts[f"{method} cnr (paper)"] = rows["cnr"]
+            parts[f"{method} miou (paper)"] = rows["miou"] * 100
+        table = table.join(pd.DataFrame(parts), how="outer")
+        order += [c for c in reference["category"].unique() if c not in order]
+    order = [c for c in order if c != "macro"] + (["macro"] if "macro" in table.index else [])
+    table = table.loc[order]
+    table["n"] = table["n"].astype("Int64")
+    table.index.name = "category"
+    return table
+
+
+def to_markdown(table: pd.DataFrame, digits: int = 2) -> str:
+    """A GitHub markdown table (no extra dependency); NaN shows as an empty cell."""
+    index = table.index.name or ""
+    header = [index, *map(str, table.columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for idx, row in table.iterrows():
+        cells = [str(idx)]
+        for v in row:
+            if v is None or v is pd.NA:
+                cells.append("")
+            elif isinstance(v, float | np.floating):
+                cells.append("" if not np.isfinite(v) else f"{v:.{digits}f}")
+            else:
+                cells.append(str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --- qualitative examples --------------------------------------------------------------------
+
+
+def save_examples(
+    pipe,
+    samples: Sequence[Sample],
+    images: str | Path,
+    config: GroundingConfig | str,
+    out_dir: str | Path,
+) -> pd.DataFrame:
+    """Ground ``samples`` and store their heatmaps for the qualitative figure.
+
+    Writes ``out_dir/heatmaps/<sample_id>.npy`` ((H, W) float32, NaN outside the crop) and
+    ``out_dir/examples.csv`` (sample_id, category, phrase, image path, boxes, metrics).
+    """
+    from .grounding import ground
+
+    out = Path(out_dir)
+    (out / "heatmaps").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for s in samples:
+        path = Path(images) / s.path
+        image = load_image(path)
+        words = [[s.category]] if as_config(config).tokens == "class" else None
+        [res] = ground(pipe, image, [s.phrase], config, words)
+        np.save(out / "heatmaps" / f"{s.sample_id}.npy", res.heatmap)
+        rows.append(
+            {
+                "sample_id": s.sample_id,
+                "category": s.category,
+                "phrase": s.phrase,
+                "image": str(path.resolve()),
+                "boxes": ";".join(" ".join(f"{v:g}" for v in b) for b in s.boxes),
+                **all_metrics(res.heatmap, s.boxes),
+            }
+        )
+    df = pd.DataFrame(rows)
+    df.to_csv(out / "examples.csv", index=False)
+    return df
+
+
+def load_examples(out_dir: str | Path) -> list[dict[str, Any]]:
+    """What :func:`save_examples` wrote, as dicts for :func:`ldmground.figures.qualitative_grid`."""
+    out = Path(out_dir)
+    df = pd.read_csv(out / "examples.csv", keep_default_na=False)
+    items = []
+    for r in df.to_dict("records"):
+        boxes = [tuple(float(v) for v in b.split()) for b in str(r["boxes"]).split(";") if b.strip()]
+        items.append(
+            {
+                **r,
+                "image": load_image(r["image"]),
+                "heatmap": np.load(out / "heatmaps" / f"{r['sample_id']}.npy"),
+                "boxes": boxes,
+            }
+        )
+    return items

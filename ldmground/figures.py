@@ -1,0 +1,343 @@
+"""The project's figures as functions: each takes tables or arrays and returns a Figure.
+
+Inputs are the files the notebooks write (sweep tables of :mod:`ldmground.analysis`,
+``summary.csv`` of :func:`ldmground.evaluation.evaluate`, the examples of
+:func:`ldmground.analysis.save_examples`), so every figure can be redrawn without a model.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .analysis import summarize_sweep
+from .overlay import overlay
+
+LABELS = {
+    "cnr": "CNR",
+    "cnr_signed": "CNR (signed)",
+    "cnr_union": "CNR (union)",
+    "miou": "mIoU",
+    "auc_roc": "AUC-ROC",
+    "auc_roc_binned": "AUC-ROC (binned)",
+    "pointing": "pointing game",
+    "iou": "IoU",
+}
+
+
+def save(fig, figures_dir: str | Path, name: str, dpi: int = 120) -> Path:
+    """Write ``fig`` to ``figures_dir/name`` (PNG unless ``name`` has a suffix); return the path."""
+    out = Path(figures_dir) / (name if Path(name).suffix else f"{name}.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi, bbox_inches="tight")
+    return out
+
+
+def qualitative_grid(items: Sequence[Mapping[str, Any]], ncols: int = 4, metric: str = "cnr"):
+    """X-ray with boxes (green) and the heatmap overlaid, titled with category and phrase.
+
+    Args:
+        items: dicts with ``image`` ((H, W) in [0, 1]), ``heatmap`` ((H, W), NaN allowed),
+            ``boxes`` ((x, y, w, h) in pixels), ``category``, ``phrase`` and optionally the
+            ``metric`` value (shown in the title).
+    """
+    import matplotlib.pyplot as plt
+
+    n = max(1, len(items))
+    ncols = min(ncols, n)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.7 * nrows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, it in zip(axes.ravel(), items, strict=False):
+        ax.imshow(np.asarray(overlay(it["image"], it["heatmap"], it["boxes"])))
+        title = f"{it['category']}\n" + textwrap.fill(str(it["phrase"]), 34)
+        if metric in it and it[metric] is not None and np.isfinite(float(it[metric])):
+            title += f"\n{LABELS.get(metric, metric)} {float(it[metric]):.2f}"
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def map_grid(panels: Sequence[tuple[str, np.ndarray]], image: np.ndarray | None = None, boxes=(), ncols: int = 6):
+    """Small multiples of heatmaps (e.g. one per layer or per step), optionally over the X-ray."""
+    import matplotlib.pyplot as plt
+
+    n = max(1, len(panels))
+    ncols = min(ncols, n)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.2 * ncols, 2.4 * nrows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (title, hm) in zip(axes.ravel(), panels, strict=False):
+        if image is not None:
+            ax.imshow(np.asarray(overlay(image, hm, boxes)))
+        else:
+            ax.imshow(np.nan_to_num(hm, nan=0.0), cmap="jet", vmin=0, vmax=1)
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def category_bars(
+    summaries: Mapping[str, pd.DataFrame],
+    metrics: Sequence[str] = ("cnr", "miou", "auc_roc"),
+    reference: pd.DataFrame | None = None,
+    reference_method: str = "LDM frozen",
+):
+    """Per-category bars (mean, error bar = std over samples), one bar per model.
+
+    Args:
+        summaries: model name -> ``summary.csv`` table (``<metric>_mean`` / ``_std``).
+        reference: ``ldmground.reference.PAPER_TABLE``: the published ``reference_method``
+            is drawn as black ticks (CNR and mIoU only).
+    """
+    import matplotlib.pyplot as plt
+
+    names = list(summaries)
+    cats: list[str] = []
+    for s in summaries.values():
+        cats += [c for c in s["category"] if c not in cats and c != "all"]
+    cats = [c for c in cats if c != "macro"] + ["macro"]
+    fig, axes = plt.subplots(
+        len(metrics), 1, figsize=(max(6.0, 1.1 * len(cats) + 2), 2.6 * len(metrics)), squeeze=False
+    )
+    width = 0.8 / max(1, len(names))
+    x = np.arange(len(cats))
+    for ax, m in zip(axes[:, 0], metrics, strict=True):
+        for i, name in enumerate(names):
+            s = summaries[name].set_index("category").reindex(cats)
+            mean = s.get(f"{m}_mean", pd.Series(np.nan, index=cats)).to_numpy(float)
+            std = s.get(f"{m}_std", pd.Series(np.nan, index=cats)).to_numpy(float)
+            ax.bar(x + (i - (len(names) - 1) / 2) * width, mean, width, yerr=np.nan_to_num(std), capsize=2, label=name)
+        if reference is not None and m in ("cnr", "miou"):
+            ref = reference[reference["method"] == reference_method].set_index("category").reindex(cats)
+            ax.scatter(x, ref[m], marker="_", s=300, color="k", zorder=3, label=f"{reference_method} (paper)")
+        ax.axhline(0, color="0.6", lw=0.8)
+        ax.set_ylabel(LABELS.get(m, m))
+        ax.set_xticks(x, cats, rotation=20, ha="right", fontsize=8)
+    axes[0, 0].legend(fontsize=8, ncols=min(4, len(names) + 1))
+    fig.tight_layout()
+    return fig
+
+
+def ablation_curve(
+    df: pd.DataFrame,
+    x: str,
+    metrics: Sequence[str] = ("cnr", "pointing", "miou"),
+    hue: str | None = None,
+    highlight: Sequence[Any] | None = None,
+    categorical: bool | None = None,
+    title: str | None = None,
+    xlabel: str | None = None,
+):
+    """Mean +- standard error over samples of each metric against ``x`` (one panel per metric).
+
+    Args:
+        df: a sweep table of :mod:`ldmground.analysis` (one row per sample and variant).
+        x: the swept column; ``hue``: an optional second column drawn as separate lines.
+        highlight: values of ``x`` to shade (e.g. the config's timestep window or layers).
+        categorical: treat ``x`` as labels (default: when it is not numeric).
+    """
+    import matplotlib.pyplot as plt
+
+    if categorical is None:
+        categorical = not pd.api.types.is_numeric_dtype(df[x])
+    metrics = [m for m in metrics if m in df.columns]
+    by = [x] if hue is None else [hue, x]
+    summ = summarize_sweep(df, by, metrics)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.0 * len(metrics), 3.2), squeeze=False)
+    groups = [(None, summ)] if hue is None else list(summ.groupby(hue, sort=False))
+    labels = list(dict.fromkeys(summ[x])) if categorical else None
+    for ax, m in zip(axes[0], metrics, strict=True):
+        for key, g in groups:
+            xs = [labels.index(v) for v in g[x]] if categorical else g[x].to_numpy(float)
+            ax.errorbar(
+                xs,
+                g[f"{m}_mean"],
+                yerr=g[f"{m}_sem"],
+                marker="o",
+                ms=3,
+                capsize=2,
+                label=None if key is None else f"{hue}={key}",
+            )
+        if highlight is not None:
+            pos = [labels.index(v) for v in highlight if v in labels] if categorical else list(highlight)
+            for p in pos:
+                ax.axvspan(float(p) - 0.5, float(p) + 0.5, color="orange", alpha=0.15, lw=0)
+        if categorical:
+            ax.set_xticks(range(len(labels)), [str(v) for v in labels], rotation=30, ha="right", fontsize=8)
+        ax.set_xlabel(xlabel or x)
+        ax.set_ylabel(LABELS.get(m, m))
+        if hue is not None:
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def variant_bars(
+    df: pd.DataFrame, by: Sequence[str], metrics: Sequence[str] = ("cnr", "miou", "auc_roc"), title: str | None = None
+):
+    """Horizontal bars (mean +- standard error) of every combination of the ``by`` columns."""
+    import matplotlib.pyplot as plt
+
+    summ = summarize_sweep(df, list(by), metrics)
+    names = [", ".join(f"{c}={r[c]}" for c in by) for _, r in summ.iterrows()]
+    metrics = [m for m in metrics if f"{m}_mean" in summ.columns]
+    fig, axes = plt.subplots(
+        1, len(metrics), figsize=(3.6 * len(metrics) + 1.5, 0.32 * len(names) + 1.2), squeeze=False, sharey=True
+    )
+    y = np.arange(len(names))
+    for ax, m in zip(axes[0], metrics, strict=True):
+        ax.barh(y, summ[f"{m}_mean"], xerr=np.nan_to_num(summ[f"{m}_sem"].to_numpy(float)), capsize=2, color="C0")
+        ax.set_xlabel(LABELS.get(m, m))
+        ax.axvline(0, color="0.6", lw=0.8)
+    axes[0, 0].set_yticks(y, names, fontsize=8)
+    axes[0, 0].invert_yaxis()
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+# --- the project's figures, by name, from the notebooks' results files ---------------------------
+
+
+def layers_figure(table: pd.DataFrame, metrics: Sequence[str] = ("cnr", "pointing", "miou"), shade: str = "paper"):
+    """01: each layer alone (line, mean +- standard error); the named layer sets (``paper``,
+    ``config``, ``all``) as horizontal lines; the layers of the set ``shade`` shaded."""
+    import matplotlib.pyplot as plt
+
+    single = table[table["layer"].astype(str).str.isdigit()].assign(layer=lambda d: d["layer"].astype(int))
+    named = table[~table["layer"].astype(str).str.isdigit()]
+    metrics = [m for m in metrics if m in table.columns]
+    per_layer = summarize_sweep(single, "layer", metrics)
+    per_set = summarize_sweep(named, ["layer", "layers"], metrics) if not named.empty else None
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.0 * len(metrics), 3.2), squeeze=False)
+    shaded = []
+    if per_set is not None and shade in set(per_set["layer"]):
+        shaded = [int(v) for v in per_set.set_index("layer").loc[shade, "layers"].split(",") if v]
+    for ax, m in zip(axes[0], metrics, strict=True):
+        ax.errorbar(
+            per_layer["layer"],
+            per_layer[f"{m}_mean"],
+            yerr=per_layer[f"{m}_sem"],
+            marker="o",
+            ms=3,
+            capsize=2,
+            color="C0",
+            label="one layer",
+        )
+        for i in shaded:
+            ax.axvspan(i - 0.5, i + 0.5, color="orange", alpha=0.15, lw=0)
+        if per_set is not None:
+            for k, (_, r) in enumerate(per_set.iterrows()):
+                ax.axhline(r[f"{m}_mean"], color=f"C{k + 1}", ls="--", lw=1.2, label=f"{r['layer']} {{{r['layers']}}}")
+        ax.set_xticks(per_layer["layer"])
+        ax.set_xlabel("cross-attention layer (forward order)")
+        ax.set_ylabel(LABELS.get(m, m))
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("Cross-attention layers" + (f" (shaded: {shade})" if shaded else ""), fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def steps_figure(table: pd.DataFrame):
+    """01: metrics of each timestep alone; the shaded steps are the window of the sweep's config."""
+    window = sorted(table.loc[table["in_window"].astype(bool), "step"].unique()) if "in_window" in table else None
+    return ablation_curve(
+        table,
+        "step",
+        ("cnr", "pointing", "miou"),
+        highlight=window,
+        title="Timesteps (shaded: the sweep's window)",
+        xlabel="step index (inversion order: 0 = clean image)",
+    )
+
+
+def windows_figure(table: pd.DataFrame):
+    """01: metrics of timestep windows (fractions of N)."""
+    return ablation_curve(table, "window", ("cnr", "pointing", "miou"), categorical=True, title="Timestep windows")
+
+
+def aggregation_figure(table: pd.DataFrame):
+    """02: normalisation x pooling x tokens."""
+    return variant_bars(table, ["normalize", "pooling", "tokens"], title="Aggregation")
+
+
+def inversion_steps_figure(table: pd.DataFrame):
+    """02: metrics against the number of inversion steps N."""
+    return ablation_curve(table, "num_inference_steps", ("cnr", "miou", "auc_roc"), title="Inversion steps")
+
+
+def sigma_figure(table: pd.DataFrame):
+    """03: Gaussian sigma with and without Otsu."""
+    return ablation_curve(
+        table, "sigma", ("cnr", "miou", "auc_roc"), hue="otsu", title="Post-processing", xlabel="sigma (px at 512)"
+    )
+
+
+def thresholds_figure(table: pd.DataFrame):
+    """03: IoU of the thresholded heatmap against the threshold, with and without Otsu."""
+    return ablation_curve(table, "threshold", ("iou",), hue="otsu", title="Thresholds")
+
+
+TABLE_FIGURES = {
+    "feature_selection_layers": ("01_feature_selection/layers.csv", layers_figure),
+    "feature_selection_steps": ("01_feature_selection/steps.csv", steps_figure),
+    "feature_selection_windows": ("01_feature_selection/windows.csv", windows_figure),
+    "aggregation": ("02_aggregation/aggregation.csv", aggregation_figure),
+    "aggregation_inversion_steps": ("02_aggregation/inversion_steps.csv", inversion_steps_figure),
+    "postprocessing_sigma": ("03_postprocessing/postprocessing.csv", sigma_figure),
+    "postprocessing_thresholds": ("03_postprocessing/thresholds.csv", thresholds_figure),
+}
+"""Figure name -> (table under the results folder, plot function)."""
+
+PANEL_FIGURES = {
+    "feature_selection_layer_maps": "01_feature_selection/layer_maps.npz",
+    "feature_selection_step_maps": "01_feature_selection/step_maps.npz",
+}
+EVALUATION_DIR = "04_mscxr_evaluation"
+
+
+def evaluation_figures(eval_dir: str | Path) -> dict[str, Any]:
+    """04: per-category bars of every evaluated model and the qualitative grid."""
+    from .analysis import load_examples
+    from .reference import PAPER_TABLE
+
+    eval_dir = Path(eval_dir)
+    figs: dict[str, Any] = {}
+    summary = eval_dir / "summaries.csv"
+    if summary.is_file():
+        df = pd.read_csv(summary)
+        summaries = {name: g.drop(columns="model") for name, g in df.groupby("model", sort=False)}
+        info = eval_dir / "evaluation.json"
+        with_paper = info.is_file() and bool(pd.read_json(info, typ="series").get("compare_with_paper", False))
+        figs["evaluation_per_category"] = category_bars(summaries, reference=PAPER_TABLE if with_paper else None)
+    if (eval_dir / "examples.csv").is_file():
+        figs["qualitative"] = qualitative_grid(load_examples(eval_dir))
+    return figs
+
+
+def from_results(results_dir: str | Path) -> dict[str, Any]:
+    """Every figure whose results file exists under ``results_dir``: name -> Figure."""
+    from .analysis import load_panels
+
+    root = Path(results_dir)
+    figs: dict[str, Any] = {}
+    for name, (rel, plot) in TABLE_FIGURES.items():
+        if (root / rel).is_file():
+            figs[name] = plot(pd.read_csv(root / rel))
+    for name, rel in PANEL_FIGURES.items():
+        if (root / rel).is_file():
+            p = load_panels(root / rel)
+            figs[name] = map_grid(p["panels"], p["image"], p["boxes"])
+    figs.update(evaluation_figures(root / EVALUATION_DIR))
+    return figs

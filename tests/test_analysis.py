@@ -1,0 +1,228 @@
+"""Sweeps from cached attention reproduce ``ground``; the explorer re-aggregates without the UNet."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ldmground import analysis
+from ldmground.config import GroundingConfig
+from ldmground.grounding import ground
+
+ROOT = Path(__file__).resolve().parents[1]
+PHANTOM = ROOT / "data" / "phantom"
+CFG = GroundingConfig(num_inference_steps=10, window=(0.4, 0.6), layers=(3, 4, 6, 7), sigma=2.5, otsu=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # torch's thread pool is much slower than one thread on a busy 2-core machine
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return analysis.load_samples(PHANTOM / "test.csv", PHANTOM, 3)
+
+
+@pytest.fixture(scope="module")
+def cached(tiny_pipe, samples):
+    return analysis.cache_samples(tiny_pipe, samples, PHANTOM, analysis.full_window(CFG), progress=False)
+
+
+def test_pick_samples_spreads_over_categories(samples):
+    assert len({s.category for s in samples}) == 3
+
+
+def test_cache_holds_every_layer_and_step(tiny_pipe, cached):
+    from ldmground.attention import cross_attention_layers
+
+    assert cached[0].layers == list(range(len(cross_attention_layers(tiny_pipe.unet))))
+    assert cached[0].steps == list(range(CFG.num_inference_steps))
+
+
+@pytest.mark.parametrize("cfg", [CFG, CFG.replace(pooling="max", otsu=False, sigma=0.0), CFG.replace(tokens="class")])
+def test_cache_reproduces_ground(tiny_pipe, samples, cfg):
+    s = samples[0]
+    [cs] = analysis.cache_samples(tiny_pipe, [s], PHANTOM, cfg, progress=False)
+    words = [[s.category]] if cfg.tokens == "class" else None
+    [res] = ground(tiny_pipe, cs.image, [s.phrase], cfg, words)
+    model_hm, hm = analysis.heatmap_from_cache(cs, cfg)
+    np.testing.assert_allclose(model_hm, res.model_heatmap, atol=1e-5)
+    np.testing.assert_array_equal(np.isnan(hm), np.isnan(res.heatmap))
+    np.testing.assert_allclose(hm, res.heatmap, atol=1e-5)
+
+
+def test_layer_sweep_config_row_equals_ground_metrics(tiny_pipe, cached):
+    table = analysis.layer_sweep(cached, CFG, progress=False)
+    assert list(table["layer"].unique()) == [*map(str, cached[0].layers), "config", "all"]
+    for cs in cached:
+        [res] = ground(tiny_pipe, cs.image, [cs.sample.phrase], CFG.replace(otsu=False))
+        row = table[(table["sample_id"] == cs.sample.sample_id) & (table["layer"] == "config")].iloc[0]
+        _, hm = analysis.heatmap_from_cache(cs, CFG.replace(otsu=False))
+        # the full-window cache runs the UNet in another batch layout: equal to float noise
+        np.testing.assert_allclose(hm, res.heatmap, atol=1e-4)
+        _, hm_otsu = analysis.heatmap_from_cache(cs, CFG)
+        assert row["cnr"] == pytest.approx(analysis.score(cs, hm_otsu)["cnr"])
+
+
+def test_reduced_and_pruned_caches_give_the_same_heatmaps(tiny_pipe, samples, cached):
+    [mean_only] = analysis.cache_samples(
+        tiny_pipe, samples[:1], PHANTOM, analysis.full_window(CFG), progress=False, keep_tokens=False
+    )
+    assert all(m.shape[0] == 1 for m in mean_only.maps.values())
+    for layers in ([3], None):
+        np.testing.assert_allclose(
+            analysis.heatmap_from_cache(mean_only, CFG, layers=layers)[0],
+            analysis.heatmap_from_cache(cached[0], CFG, layers=layers)[0],
+            atol=1e-5,
+        )
+    with pytest.raises(ValueError, match="keep_tokens"):
+        analysis.heatmap_from_cache(mean_only, CFG.replace(tokens="class"))
+    [pruned] = analysis.cache_samples(tiny_pipe, samples[:1], PHANTOM, CFG, progress=False, prune=True)
+    assert pruned.layers == list(CFG.layers) and pruned.steps == list(CFG.window_indices())
+    np.testing.assert_allclose(
+        analysis.heatmap_from_cache(pruned, CFG.replace(tokens="class", otsu=False))[0],
+        analysis.heatmap_from_cache(cached[0], CFG.replace(tokens="class", otsu=False))[0],
+        atol=1e-4,
+    )
+
+
+def test_single_layer_differs_from_pooled(cached):
+    cs = cached[0]
+    _, one = analysis.heatmap_from_cache(cs, CFG, layers=[3])
+    _, pooled = analysis.heatmap_from_cache(cs, CFG)
+    assert np.nanmax(np.abs(one - pooled)) > 1e-3
+
+
+def test_step_sweep_marks_the_window(tiny_pipe, cached):
+    table = analysis.step_sweep(cached, CFG, tiny_pipe, progress=False)
+    assert len(table) == len(cached) * CFG.num_inference_steps
+    inside = sorted(table.loc[table["in_window"], "step"].unique())
+    assert inside == list(CFG.window_indices())
+    ts = analysis.timesteps(tiny_pipe, CFG)
+    assert table.groupby("step")["t"].first().tolist() == ts
+    assert ts == sorted(ts)
+
+
+def test_aggregation_and_postprocess_sweeps(cached):
+    agg = analysis.aggregation_sweep(cached, CFG, progress=False)
+    assert len(agg) == len(cached) * 12
+    assert agg.groupby(["normalize", "pooling", "tokens"]).ngroups == 12
+    pp = analysis.postprocess_sweep(cached, CFG, sigmas=(0.0, 4.0), progress=False)
+    assert set(pp["sigma"]) == {0.0, 4.0} and set(pp["otsu"]) == {False, True}
+    s = analysis.summarize_sweep(pp, ["sigma", "otsu"], ["cnr", "miou"])
+    assert {"n", "cnr_mean", "cnr_std", "cnr_sem"} <= set(s.columns)
+    assert (s["n"] == len(cached)).all()
+
+
+def test_threshold_sweep_iou_is_the_miou_of_one_threshold(cached):
+    from ldmground.metrics import miou
+
+    table = analysis.threshold_sweep(cached, CFG, thresholds=(0.1, 0.5), progress=False)
+    cs = cached[1]
+    _, hm = analysis.heatmap_from_cache(cs, CFG.replace(otsu=False))
+    row = table[(table["sample_id"] == cs.sample.sample_id) & (~table["otsu"]) & (table["threshold"] == 0.5)].iloc[0]
+    assert row["iou"] == pytest.approx(miou(hm, cs.sample.boxes, (0.5,)))
+
+
+def test_class_tokens_pick_the_class_words(tiny_pipe):
+    from ldmground.tokens import select_tokens
+
+    sel = select_tokens(tiny_pipe.tokenizer, "Small right pleural effusion")
+    idx = analysis.class_token_indices(sel, "Pleural Effusion")
+    assert {sel.words[i].lower() for i in idx} == {"pleural", "effusion"}
+    assert analysis.class_token_indices(sel, "Pneumothorax") == tuple(range(len(sel.positions)))
+
+
+def test_results_table_with_reference():
+    from ldmground.reference import PAPER_TABLE
+
+    summ = pd.DataFrame(
+        {
+            "category": ["Edema", "Pneumonia", "macro", "all"],
+            "n": [2, 3, 5, 5],
+            "cnr_mean": [1.0, 2.0, 1.5, 1.6],
+            "miou_mean": [0.1, 0.3, 0.2, 0.22],
+            "auc_roc_mean": [0.6, 0.7, 0.65, 0.66],
+        }
+    )
+    table = analysis.results_table({"m": summ}, reference=PAPER_TABLE)
+    assert table.index[-1] == "macro" and "all" not in table.index
+    assert table.loc["Pneumonia", "m miou"] == pytest.approx(30.0)
+    assert table.loc["Pneumonia", "LDM frozen miou (paper)"] == pytest.approx(21.6)
+    assert table.loc["macro", "BioViL cnr (paper)"] == pytest.approx(1.17)
+    assert len(table) == 9  # eight categories + macro
+    md = analysis.to_markdown(table)
+    assert md.splitlines()[0].startswith("| category | n | m cnr")
+
+
+def test_reference_average_is_the_mean_of_categories():
+    from ldmground.reference import PAPER_TABLE
+
+    for _, g in PAPER_TABLE.groupby("method"):
+        cats = g[g["category"] != "macro"]
+        macro = g[g["category"] == "macro"].iloc[0]
+        assert cats["cnr"].mean() == pytest.approx(macro["cnr"], abs=0.006)
+        assert cats["miou"].mean() == pytest.approx(macro["miou"], abs=0.006)
+        assert cats["n"].sum() == 1043
+
+
+def test_examples_round_trip(tiny_pipe, samples, tmp_path):
+    df = analysis.save_examples(tiny_pipe, samples[:2], PHANTOM, CFG, tmp_path)
+    items = analysis.load_examples(tmp_path)
+    assert [it["sample_id"] for it in items] == list(df["sample_id"])
+    assert items[0]["heatmap"].shape == items[0]["image"].shape
+    assert items[0]["boxes"] == [tuple(map(float, b)) for b in samples[0].boxes]
+
+
+def test_figures_return_figures(cached, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from ldmground import figures
+
+    layers = analysis.layer_sweep(cached, CFG, progress=False)
+    fig = figures.ablation_curve(layers, "layer", highlight=["config"])
+    assert len(fig.axes) == 3
+    path = figures.save(fig, tmp_path, "layers")
+    assert path.stat().st_size > 1000
+
+
+def test_explorer_reaggregates_without_the_unet(tiny_pipe, samples):
+    pytest.importorskip("ipywidgets")
+    from ldmground.explorer import Explorer
+
+    calls = []
+    handle = tiny_pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        ex = Explorer(tiny_pipe, samples, PHANTOM, CFG)
+        first_calls = len(calls)
+        assert first_calls > 0 and ex.unet_runs == 1
+        hm0, m0 = ex.last_heatmap.copy(), dict(ex.last_metrics)
+        ex.widgets["sigma"].value = 8.0
+        assert not np.allclose(np.nan_to_num(ex.last_heatmap), np.nan_to_num(hm0))
+        ex.widgets["otsu"].value = False
+        ex.widgets["layers"].value = (0, 1)
+        ex.widgets["steps"].value = (0, 9)
+        ex.widgets["pooling"].value = "max"
+        ex.widgets["tokens"].value = "class"
+        assert ex.last_metrics != m0
+        assert len(calls) == first_calls, "a slider must not run the UNet"
+        assert ex.last_seconds < 1.0
+        ex.widgets["phrase"].value = "Heart is enlarged"  # a new phrase: one more inversion
+        assert ex.unet_runs == 2 and len(calls) > first_calls
+        ex.widgets["sample"].value = 1
+        assert ex.unet_runs == 3
+        n = len(calls)
+        ex.widgets["sample"].value = 0  # cached again: back to the first phrase, no UNet
+        assert ex.unet_runs == 3 and len(calls) == n
+        assert ex.widgets["phrase"].value == samples[0].phrase
+    finally:
+        handle.remove()
