@@ -31,17 +31,30 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ldmground tests benchmarks
 
-# The main job on the embedded default data (see README for a real model and MS-CXR).
-MODEL ?= tiny
+# The main job: notebooks 01 -> 05 with papermill on the embedded default (the demo model on
+# the phantom split). Executed copies and result tables go to $(OUT)/, figures to figures/.
+# For a real model and MS-CXR (see README):
+#   make reproduce MODEL=models/cxr-ldm DATASET=.../MS_CXR_Local_Alignment_v1.1.0.csv \
+#        IMAGES=/data/mimic-cxr-jpg PRESET=paper LIMIT=1200
+MODEL ?= demo
 DATASET ?= data/phantom/test.csv
 IMAGES ?= data/phantom
-PRESET ?= fast
+PRESET ?= demo
+STEPS ?= null
+LIMIT ?= 200
+FIGURES ?= figures
+NOTEBOOKS := 01_feature_selection 02_aggregation 03_postprocessing 04_mscxr_evaluation
 reproduce: $(STAMP)
-	$(VENV)/bin/ldmground ground --model $(MODEL) --preset $(PRESET) \
-		--image data/phantom/images/phantom-test-00005.png --phrase "Right pleural effusion" \
-		--out $(OUT)/ground/heatmap.png
-	$(VENV)/bin/ldmground evaluate --model centre-prior --dataset $(DATASET) --images $(IMAGES) \
-		--preset $(PRESET) --out $(OUT)/centre-prior
+	mkdir -p $(OUT)/notebooks
+	set -e; for nb in $(NOTEBOOKS); do \
+	  $(VENV)/bin/papermill --cwd notebooks notebooks/$$nb.ipynb $(OUT)/notebooks/$$nb.ipynb \
+	    -p model $(MODEL) -p dataset $(abspath $(DATASET)) -p images $(abspath $(IMAGES)) \
+	    -p preset $(PRESET) -y "steps: $(STEPS)" -p out_dir $(abspath $(OUT))/$$nb -p figures_dir $(abspath $(FIGURES)) \
+	    $$( [ $$nb = 04_mscxr_evaluation ] && echo "-p limit $(LIMIT)" ); \
+	done
+	$(VENV)/bin/papermill --cwd notebooks notebooks/05_figures.ipynb $(OUT)/notebooks/05_figures.ipynb \
+	  -p results_dir $(abspath $(OUT)) -p figures_dir $(abspath $(FIGURES))
+	@echo "figures in $(FIGURES)/, tables in $(OUT)/04_mscxr_evaluation/"
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -54,13 +54,25 @@ def build_pipeline(model: str, device: str):
     convert_monai(tmp / "bundle", tmp / "model", text_encoder="none")
     torch.manual_seed(0)
     enc = CLIPTextModel(
-        CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=1024, num_hidden_layers=2,
-                       num_attention_heads=16, max_position_embeddings=77, eos_token_id=49407, pad_token_id=0)
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=1024,
+            intermediate_size=1024,
+            num_hidden_layers=2,
+            num_attention_heads=16,
+            max_position_embeddings=77,
+            eos_token_id=49407,
+            pad_token_id=0,
+        )
     ).eval()
     import ldmground.models as models
 
     real = models.load_text_components
-    models.load_text_components = lambda spec, seed=0: (clip_tokenizer(), enc, {"max_length": 77, "use_attention_mask": False})
+    models.load_text_components = lambda spec, seed=0: (
+        clip_tokenizer(),
+        enc,
+        {"max_length": 77, "use_attention_mask": False},
+    )
     try:
         pipe = load_pipeline(str(tmp / "model"), text_encoder="random-1024")
     finally:
@@ -123,8 +135,18 @@ def run_bare(pipe, image, cfg, counter) -> dict:
     def predict(x, t, ctx, m):
         return pipe.unet(x, t, encoder_hidden_states=ctx).sample
 
-    ddim_invert(predict, latent, make_scheduler(pipe.scheduler_config, cfg.timestep_spacing), cfg.num_inference_steps,
-                uncond, None, states, None, read_steps=cfg.window_indices(), autocast_dtype=_DTYPES[cfg.dtype])
+    ddim_invert(
+        predict,
+        latent,
+        make_scheduler(pipe.scheduler_config, cfg.timestep_spacing),
+        cfg.num_inference_steps,
+        uncond,
+        None,
+        states,
+        None,
+        read_steps=cfg.window_indices(),
+        autocast_dtype=_DTYPES[cfg.dtype],
+    )
     return {"evals": counter[0], "seconds": time.perf_counter() - start, "attn_bytes": 0, "heatmap": None}
 
 
@@ -168,8 +190,11 @@ def run_reference(pipe, image, cfg) -> dict:
     steps: list[list] = []
     original = dict(pipe.unet.attn_processors)
     pipe.unet.set_attn_processor({n: KeepEverything(p, n, sink) for n, p in original.items()})
-    amp = torch.autocast(pipe.device.type, dtype=_DTYPES[cfg.dtype]) if _DTYPES[cfg.dtype] else torch.autocast(
-        pipe.device.type, enabled=False)
+    amp = (
+        torch.autocast(pipe.device.type, dtype=_DTYPES[cfg.dtype])
+        if _DTYPES[cfg.dtype]
+        else torch.autocast(pipe.device.type, enabled=False)
+    )
     x = latent
     try:
         for i, t in enumerate(grid):
@@ -252,8 +277,24 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
     for variant in ["ldmground", "reference", "bare"]:
         hm = tmp / f"{variant}.npy"
-        cmd = [sys.executable, __file__, "--variant", variant, "--model", args.model, "--steps", str(args.steps),
-               "--dtype", args.dtype, "--device", args.device, "--threads", str(args.threads), "--heatmap-out", str(hm)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--variant",
+            variant,
+            "--model",
+            args.model,
+            "--steps",
+            str(args.steps),
+            "--dtype",
+            args.dtype,
+            "--device",
+            args.device,
+            "--threads",
+            str(args.threads),
+            "--heatmap-out",
+            str(hm),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:
@@ -262,14 +303,21 @@ def main() -> None:
         results[variant] = r
         if hm.exists():
             heatmaps[variant] = np.load(hm)
-        print(f"{variant:10s} evals={r['evals']:4d} wall={r['seconds']:8.2f}s peak_rss={r['peak_rss_mb']:8.0f}MB "
-              f"attn_store={r['attn_bytes'] / 2**10:12.1f}KB", flush=True)
+        print(
+            f"{variant:10s} evals={r['evals']:4d} wall={r['seconds']:8.2f}s peak_rss={r['peak_rss_mb']:8.0f}MB "
+            f"attn_store={r['attn_bytes'] / 2**10:12.1f}KB",
+            flush=True,
+        )
     a, b, c = results["ldmground"], results["reference"], results["bare"]
     diff = float(np.abs(heatmaps["ldmground"] - heatmaps["reference"]).max())
-    print(f"same heatmap: max |ldmground - reference| = {diff:.2e}  (model={args.model}, steps={args.steps}, "
-          f"dtype={args.dtype}, device={args.device}, threads={args.threads})")
-    print(f"RATIO reference/ldmground={b['seconds'] / a['seconds']:.2f} overhead={a['seconds'] / c['seconds']:.2f} "
-          f"evals={a['evals']} attn_mb={a['attn_bytes'] / 2**20:.3f} ref_attn_mb={b['attn_bytes'] / 2**20:.1f}")
+    print(
+        f"same heatmap: max |ldmground - reference| = {diff:.2e}  (model={args.model}, steps={args.steps}, "
+        f"dtype={args.dtype}, device={args.device}, threads={args.threads})"
+    )
+    print(
+        f"RATIO reference/ldmground={b['seconds'] / a['seconds']:.2f} overhead={a['seconds'] / c['seconds']:.2f} "
+        f"evals={a['evals']} attn_mb={a['attn_bytes'] / 2**20:.3f} ref_attn_mb={b['attn_bytes'] / 2**20:.1f}"
+    )
 
 
 if __name__ == "__main__":

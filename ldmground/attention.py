@@ -199,7 +199,9 @@ class AttentionRecorder:
         chosen = list(range(n)) if layers is None else list(layers)
         bad = [i for i in chosen if not 0 <= i < n]
         if bad:
-            raise LdmGroundError(f"layer indices {bad} out of range: this UNet has {n} cross-attention layers (0..{n - 1})")
+            raise LdmGroundError(
+                f"layer indices {bad} out of range: this UNet has {n} cross-attention layers (0..{n - 1})"
+            )
         self.layers = chosen
         self.store = AttentionStore(normalize=normalize, keep_maps=keep_maps)
         self.phrase_rows: list[PhraseRow] = []

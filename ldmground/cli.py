@@ -25,7 +25,12 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="named settings (default: paper)")
     g.add_argument("--steps", type=int, help="number of DDIM inversion steps N (paper: 300)")
     g.add_argument("--window", type=_window, help="timestep window as fractions of N, e.g. 0.4,0.6 (paper)")
-    g.add_argument("--layers", type=_layers, default=argparse.SUPPRESS, help="cross-attention layer indices in forward order, e.g. 3,4,6,7, or 'all'")
+    g.add_argument(
+        "--layers",
+        type=_layers,
+        default=argparse.SUPPRESS,
+        help="cross-attention layer indices in forward order, e.g. 3,4,6,7, or 'all'",
+    )
     g.add_argument("--tokens", choices=["phrase", "class"], help="average all phrase tokens or the class-name tokens")
     g.add_argument("--sigma", type=float, help="Gaussian blur in pixels of a 512-px input (0: none)")
     g.add_argument("--otsu", action=argparse.BooleanOptionalAction, default=None, help="binary Otsu masking")
@@ -87,8 +92,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         shard, device = parse_shard(args.shard), args.device
     grounder = make_grounder(args.model, cfg, device)
     common = dict(split=args.split, limit=args.limit, progress=not args.quiet)
-    report = evaluate(grounder, args.dataset, args.images, args.out, cfg, shard=shard,
-                      retry_failed=args.retry_failed, finalize=state is None, **common)
+    report = evaluate(
+        grounder,
+        args.dataset,
+        args.images,
+        args.out,
+        cfg,
+        shard=shard,
+        retry_failed=args.retry_failed,
+        finalize=state is None,
+        **common,
+    )
     if state is not None:
         from accelerate.utils import gather_object
 
@@ -111,9 +125,12 @@ def cmd_make_phantom(args: argparse.Namespace) -> int:
     from .phantom import generate_phantom
 
     start = time.perf_counter()
-    df = generate_phantom(args.out, n=args.n, seed=args.seed, split=args.split, size=args.size,
-                          findings_per_image=args.findings)
-    print(f"wrote {len(df)} boxes of {df['path'].nunique()} images to {args.out} in {time.perf_counter() - start:.1f} s")
+    df = generate_phantom(
+        args.out, n=args.n, seed=args.seed, split=args.split, size=args.size, findings_per_image=args.findings
+    )
+    print(
+        f"wrote {len(df)} boxes of {df['path'].nunique()} images to {args.out} in {time.perf_counter() - start:.1f} s"
+    )
     return 0
 
 
@@ -170,8 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert-monai", help="convert the MONAI CXR LDM bundle to a diffusers folder")
     p.add_argument("bundle_dir", help="bundle folder with models/autoencoder.pth and models/diffusion_model.pth")
     p.add_argument("out_dir", help="output model folder")
-    p.add_argument("--text-encoder", default="stabilityai/stable-diffusion-2-1-base",
-                   help="text encoder spec: SD-2.1-base repo id (default), a local copy, tiny, or none")
+    p.add_argument(
+        "--text-encoder",
+        default="stabilityai/stable-diffusion-2-1-base",
+        help="text encoder spec: SD-2.1-base repo id (default), a local copy, tiny, or none",
+    )
     p.set_defaults(func=cmd_convert_monai)
 
     try:

@@ -69,13 +69,13 @@ class DemoTrainConfig:
     """Settings of ``ldmground train-demo`` (defaults: the committed model)."""
 
     out: str = "runs/demo"
-    n_train: int = 6000
+    n_train: int = 5000
     n_val: int = 100
     seed: int = 0
     image_size: int = 64
     render_size: int = 256
     two_finding_fraction: float = 0.6
-    vae_steps: int = 800
+    vae_steps: int = 300
     vae_batch: int = 16
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
@@ -93,6 +93,10 @@ class DemoTrainConfig:
 
 
 def demo_unet(cross_attention_dim: int = 384, seed: int = 0):
+    """6 cross-attention layers: 16x16 (down 0, up 4-5) and 8x8 (down 1, up 2-3).
+
+    Small on purpose: on 2 CPU cores training speed, not capacity, limits how well the
+    model learns to use the text (see DEMO_TRIALS)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -100,14 +104,14 @@ def demo_unet(cross_attention_dim: int = 384, seed: int = 0):
         sample_size=16,
         in_channels=3,
         out_channels=3,
-        block_out_channels=(64, 96, 128),
-        layers_per_block=2,
+        block_out_channels=(48, 96, 96),
+        layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         mid_block_type="UNetMidBlock2D",
         cross_attention_dim=cross_attention_dim,
-        attention_head_dim=32,
-        norm_num_groups=32,
+        attention_head_dim=16,
+        norm_num_groups=16,
     )
 
 
@@ -209,8 +213,9 @@ def train_vae(data: TrainingSet, cfg: DemoTrainConfig, out: Path, progress: bool
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     images = torch.from_numpy(data.images)[:, None]
     vae.train()
-    for step in tqdm(range(start, cfg.vae_steps), desc="train VAE", initial=start, total=cfg.vae_steps,
-                     disable=not progress):
+    for step in tqdm(
+        range(start, cfg.vae_steps), desc="train VAE", initial=start, total=cfg.vae_steps, disable=not progress
+    ):
         idx = torch.randint(len(images), (cfg.vae_batch,), generator=gen)
         x = images[idx] * 2 - 1
         with _autocast(cfg):
@@ -301,7 +306,9 @@ def train_unet(data: TrainingSet, latents: torch.Tensor, cfg: DemoTrainConfig, o
     return ema.module.eval(), cfg.steps
 
 
-def export_demo(vae, unet, scaling_factor: float, cfg: DemoTrainConfig, steps_done: int, dest: Path, notes: dict) -> Path:
+def export_demo(
+    vae, unet, scaling_factor: float, cfg: DemoTrainConfig, steps_done: int, dest: Path, notes: dict
+) -> Path:
     """Write the demo model folder (safetensors + hashes) that ``load_pipeline`` reads."""
     from diffusers import DDIMScheduler
 
@@ -333,7 +340,19 @@ def train_demo(cfg: DemoTrainConfig, export_to: Path | None = None, progress: bo
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     start = time.time()
-    data = make_training_set(cfg.n_train, cfg.seed, "train", cfg, progress)
+    cache = out / "train_set.npz"
+    if cache.is_file():
+        with np.load(cache) as z:
+            data = TrainingSet(z["images"], z["pair_image"], [str(p) for p in z["pair_phrase"]], z["pair_mask"])
+    else:
+        data = make_training_set(cfg.n_train, cfg.seed, "train", cfg, progress)
+        np.savez(
+            cache,
+            images=data.images,
+            pair_image=data.pair_image,
+            pair_phrase=np.array(data.pair_phrase),
+            pair_mask=data.pair_mask,
+        )
     vae = train_vae(data, cfg, out, progress)
     latents = encode_all(vae, data.images)
     scaling = float(1.0 / latents.std())

@@ -267,7 +267,9 @@ def _row(sample: Sample, model: str, chash: str, status: str, message: str = "",
     return row
 
 
-def _ground_image(grounder: Grounder, path: Path, samples: list[Sample], model: str, chash: str, words_for) -> list[dict]:
+def _ground_image(
+    grounder: Grounder, path: Path, samples: list[Sample], model: str, chash: str, words_for
+) -> list[dict]:
     """All rows of one image; never raises for a per-sample problem."""
     rows, good, notes = [], [], {}
     for s in samples:
@@ -305,9 +307,7 @@ def _ground_image(grounder: Grounder, path: Path, samples: list[Sample], model: 
         if finite.max() == finite.min():
             msgs.append("constant heatmap")
         values = all_metrics(hm, s.boxes)
-        rows.append(
-            _row(s, model, chash, "ok", "; ".join(msgs), unet_evals=maps.unet_evals, seconds=seconds, **values)
-        )
+        rows.append(_row(s, model, chash, "ok", "; ".join(msgs), unet_evals=maps.unet_evals, seconds=seconds, **values))
     return rows
 
 
@@ -324,8 +324,12 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     macro = summary.drop(columns="n").mean().to_frame().T
     macro.insert(0, "n", len(ok))
     macro.index = ["macro"]
-    overall = ok[METRICS].mean().add_suffix("_mean").to_frame().T.join(
-        ok[METRICS].std(ddof=0).add_suffix("_std").to_frame().T
+    overall = (
+        ok[METRICS]
+        .mean()
+        .add_suffix("_mean")
+        .to_frame()
+        .T.join(ok[METRICS].std(ddof=0).add_suffix("_std").to_frame().T)
     )
     overall.insert(0, "n", len(ok))
     overall.index = ["all"]

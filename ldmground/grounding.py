@@ -84,15 +84,13 @@ def run_attention(
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     pixels, geo = preprocess(image, pipe.image_size)
-    words = words or [None] * len(phrases)
+    # Class-name words restrict the tokens only when the config asks for it.
+    if cfg.tokens != "class" or words is None:
+        words = [None] * len(phrases)
     selections = [
-        select_tokens(pipe.tokenizer, p, list(w) if w else None, pipe.max_length) for p, w in zip(phrases, words, strict=True)
+        select_tokens(pipe.tokenizer, p, list(w) if w else None, pipe.max_length)
+        for p, w in zip(phrases, words, strict=True)
     ]
-    if cfg.tokens == "phrase":
-        selections = [
-            s if not w else select_tokens(pipe.tokenizer, p, None, pipe.max_length)
-            for s, p, w in zip(selections, phrases, words, strict=True)
-        ]
     device = pipe.device
     latent = pipe.encode_image(torch.from_numpy(pixels)[None, None].to(device))
     uncond, uncond_mask = pipe.encode_text([""])

@@ -75,8 +75,23 @@ def test_cli_ground_writes_pngs(tmp_path, capsys):
     img = tmp_path / "x.png"
     Image.fromarray((blob_image(80, 64, 30, 30) * 255).astype(np.uint8)).save(img)
     out = tmp_path / "res" / "heat.png"
-    code = main(["ground", "--model", "tiny", "--image", str(img), "--phrase", "left pneumothorax",
-                 "--out", str(out), "--steps", "10", "--layers", "all"])
+    code = main(
+        [
+            "ground",
+            "--model",
+            "tiny",
+            "--image",
+            str(img),
+            "--phrase",
+            "left pneumothorax",
+            "--out",
+            str(out),
+            "--steps",
+            "10",
+            "--layers",
+            "all",
+        ]
+    )
     assert code == 0
     heat = np.asarray(Image.open(out))
     over = Image.open(tmp_path / "res" / "heat_overlay.png")

@@ -59,7 +59,7 @@ def test_postprocess_constant_map_is_zero():
 
 
 def test_load_image_variants(tmp_path):
-    a8 = (np.arange(64, dtype=np.uint8).reshape(8, 8) * 4)
+    a8 = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
     Image.fromarray(a8).save(tmp_path / "g8.png")
     Image.fromarray(np.stack([a8] * 3, -1)).save(tmp_path / "rgb.png")
     Image.fromarray(a8.astype(np.uint16) * 257).save(tmp_path / "g16.png")
@@ -87,7 +87,7 @@ def test_load_dicom(tmp_path):
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
     meta.MediaStorageSOPInstanceUID = generate_uid()
     ds = FileDataset(str(tmp_path / "x.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
-    arr = (np.arange(16, dtype=np.uint16).reshape(4, 4) * 100)
+    arr = np.arange(16, dtype=np.uint16).reshape(4, 4) * 100
     ds.Rows, ds.Columns = 4, 4
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1"
