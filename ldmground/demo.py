@@ -383,3 +383,112 @@ def _cmd_train(args) -> int:
     dest = train_demo(cfg, Path(args.export) if args.export else None)
     print(f"wrote demo model {dest}")
     return 0
+
+
+# --- checking the demo model ------------------------------------------------------------
+
+_SIDE_SWAP = {"left": "right", "right": "left", "Left": "Right", "Right": "Left", "LEFT": "RIGHT", "RIGHT": "LEFT"}
+
+
+def swap_sides(phrase: str) -> str:
+    """The phrase with the words left/right exchanged ("left-sided" -> "right-sided")."""
+    import re
+
+    return re.sub(r"\b(left|right|Left|Right|LEFT|RIGHT)\b", lambda m: _SIDE_SWAP[m.group(1)], phrase)
+
+
+def swapped_side_csv(csv: str | Path, out_csv: str | Path) -> Path:
+    """A copy of an MS-CXR-format CSV keeping only lateralised phrases, with sides swapped.
+
+    Boxes stay on the true finding, so a model that reads the side word points elsewhere.
+    """
+    import pandas as pd
+
+    df = pd.read_csv(csv)
+    lateral = df["label_text"].str.contains(r"\b(?:left|right)\b", case=False, regex=True)
+    out = df[lateral].copy()
+    out["label_text"] = out["label_text"].map(swap_sides)
+    out_csv = Path(out_csv)
+    out.to_csv(out_csv, index=False)
+    return out_csv
+
+
+def lateral_csv(csv: str | Path, out_csv: str | Path) -> Path:
+    """The lateralised rows of a CSV, unchanged (the partner of :func:`swapped_side_csv`)."""
+    import pandas as pd
+
+    df = pd.read_csv(csv)
+    df[df["label_text"].str.contains(r"\b(?:left|right)\b", case=False, regex=True)].to_csv(out_csv, index=False)
+    return Path(out_csv)
+
+
+def snapshot_pipeline(run_dir: str | Path, snapshot: str | Path, scaling_factor: float):
+    """A :class:`GroundingPipeline` from a training run's VAE and an EMA UNet snapshot."""
+    from safetensors.torch import load_file
+
+    from .models import PAPER_SCHEDULER, GroundingPipeline, load_text_components
+
+    run_dir = Path(run_dir)
+    vae = demo_vae()
+    vae.load_state_dict(load_file(run_dir / "vae.model.safetensors"))
+    tok, enc, info = load_text_components("minilm")
+    unet = demo_unet(enc.config.hidden_size)
+    unet.load_state_dict(load_file(snapshot))
+    return GroundingPipeline(
+        vae=vae.eval(),
+        unet=unet.eval(),
+        text_encoder=enc,
+        tokenizer=tok,
+        scheduler_config=dict(PAPER_SCHEDULER),
+        image_size=64,
+        scaling_factor=scaling_factor,
+        spec=f"snapshot:{Path(snapshot).stem}",
+        **info,
+    )
+
+
+def run_scaling_factor(run_dir: str | Path) -> float:
+    """The latent scaling factor of a run: 1 / std of its training latents (as at export)."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    with np.load(run_dir / "train_set.npz") as z:
+        images = z["images"]
+    vae = demo_vae()
+    vae.load_state_dict(load_file(run_dir / "vae.model.safetensors"))
+    return float(1.0 / encode_all(vae.eval(), images).std())
+
+
+def select_demo_preset(pipe, val_csv: str | Path, images: str | Path | None = None, n_steps: int = 25):
+    """Score grounding settings on a validation split (never the test split).
+
+    One inversion per image records every layer at every step; each candidate (timestep
+    window, layer group, blur, Otsu, normalisation) is then a re-aggregation. Returns the
+    per-candidate macro means (over categories) sorted best first by pointing + CNR.
+    """
+    import itertools
+
+    from .analysis import cache_samples, sweep
+    from .config import GroundingConfig
+    from .datasets.mscxr import load_mscxr
+
+    samples, _ = load_mscxr(val_csv, images)
+    base = GroundingConfig(num_inference_steps=n_steps, window=(0.0, 1.0), layers=None, otsu=False)
+    cached = cache_samples(pipe, samples, images or Path(val_csv).parent, base, keep_tokens=False)
+    first = cached[0].maps
+    sizes = {layer: tuple(m.shape[-2:]) for (layer, _), m in first.items()}
+    groups: dict[str, list[int] | None] = {"all": None}
+    for shape in sorted(set(sizes.values()), reverse=True):
+        groups[f"{shape[0]}x{shape[1]}"] = sorted(i for i, s in sizes.items() if s == shape)
+    windows = [(0.0, 1.0), (0.2, 0.8), (0.4, 0.6), (0.1, 0.5), (0.5, 0.9)]
+    variants = []
+    for win, (gname, layers), sigma, otsu in itertools.product(windows, groups.items(), [0.0, 4.0, 8.0], [False, True]):
+        steps = list(base.replace(window=win).window_indices())
+        labels = {"window": f"{win[0]:.1f}-{win[1]:.1f}", "layers": gname, "sigma": sigma, "otsu": otsu}
+        variants.append((labels, {"layers": layers, "steps": steps, "sigma": sigma, "otsu": otsu}))
+    table = sweep(cached, variants, base, desc="candidates")
+    keys = ["window", "layers", "sigma", "otsu"]
+    per_cat = table.groupby(keys + ["category"])[["pointing", "cnr", "cnr_signed", "miou"]].mean()
+    macro = per_cat.groupby(keys).mean().reset_index()
+    macro["score"] = macro["pointing"] + macro["cnr"]
+    return macro.sort_values("score", ascending=False).reset_index(drop=True)
