@@ -42,6 +42,7 @@ IMAGES ?= data/phantom
 PRESET ?= demo
 STEPS ?= null
 LIMIT ?= 200
+DEVICE ?=
 FIGURES ?= figures
 NOTEBOOKS := 01_feature_selection 02_aggregation 03_postprocessing 04_mscxr_evaluation
 reproduce: $(STAMP)
@@ -50,7 +51,7 @@ reproduce: $(STAMP)
 	  $(VENV)/bin/papermill --cwd notebooks notebooks/$$nb.ipynb $(OUT)/notebooks/$$nb.ipynb \
 	    -p model $(MODEL) -p dataset $(abspath $(DATASET)) -p images $(abspath $(IMAGES)) \
 	    -p preset $(PRESET) -y "steps: $(STEPS)" -p out_dir $(abspath $(OUT))/$$nb -p figures_dir $(abspath $(FIGURES)) \
-	    $$( [ $$nb = 04_mscxr_evaluation ] && echo "-p limit $(LIMIT)" ); \
+	    $(if $(DEVICE),-p device $(DEVICE)) $$( [ $$nb = 04_mscxr_evaluation ] && echo "-p limit $(LIMIT)" ); \
 	done
 	$(VENV)/bin/papermill --cwd notebooks notebooks/05_figures.ipynb $(OUT)/notebooks/05_figures.ipynb \
 	  -p results_dir $(abspath $(OUT)) -p figures_dir $(abspath $(FIGURES))

@@ -42,41 +42,14 @@ def build_pipeline(model: str, device: str):
     if model != "paper-random":
         return load_pipeline(model, device=device)
     # The paper model's architecture with seeded random weights: a fake MONAI bundle,
-    # converted by our converter, plus a small random 1024-d CLIP (the text encoder's size
-    # does not change the UNet's cost).
-    from transformers import CLIPTextConfig, CLIPTextModel
-
+    # converted by our converter, plus a random 1024-d CLIP (the text encoder's size does
+    # not change the UNet's cost).
     from ldmground.convert_monai import convert_monai, write_fake_bundle
-    from ldmground.models import clip_tokenizer
 
     tmp = Path(tempfile.mkdtemp(prefix="paper-random-"))
     write_fake_bundle(tmp / "bundle", scale="full", seed=0)
     convert_monai(tmp / "bundle", tmp / "model", text_encoder="none")
-    torch.manual_seed(0)
-    enc = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=1024,
-            intermediate_size=1024,
-            num_hidden_layers=2,
-            num_attention_heads=16,
-            max_position_embeddings=77,
-            eos_token_id=49407,
-            pad_token_id=0,
-        )
-    ).eval()
-    import ldmground.models as models
-
-    real = models.load_text_components
-    models.load_text_components = lambda spec, seed=0: (
-        clip_tokenizer(),
-        enc,
-        {"max_length": 77, "use_attention_mask": False},
-    )
-    try:
-        pipe = load_pipeline(str(tmp / "model"), text_encoder="random-1024")
-    finally:
-        models.load_text_components = real
+    pipe = load_pipeline(str(tmp / "model"), text_encoder="random-clip:1024")
     pipe.spec = "paper-random"
     return pipe.to(device)
 

@@ -62,7 +62,7 @@ def cmd_ground(args: argparse.Namespace) -> int:
     from .overlay import save_heatmap_pngs
 
     cfg = _config(args)
-    pipe = load_pipeline(args.model, device=args.device)
+    pipe = load_pipeline(args.model, text_encoder=args.text_encoder, device=args.device)
     image = load_image(args.image)
     words = [args.words.split(",")] if args.words else None
     start = time.perf_counter()
@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phrase", required=True, help="report phrase to ground")
     p.add_argument("--out", required=True, help="heatmap PNG to write; the overlay goes to <stem>_overlay.png")
     p.add_argument("--words", help="comma-separated words to restrict tokens to (with --tokens class)")
+    p.add_argument(
+        "--text-encoder",
+        help="text encoder spec overriding the model's own (e.g. a local SD-2.1 copy, random-clip:1024)",
+    )
     p.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
     _add_config_options(p)
     p.set_defaults(func=cmd_ground)

@@ -164,16 +164,19 @@ def _minilm_dir() -> Path:
 def load_text_components(spec: str, seed: int = 0) -> tuple[Any, torch.nn.Module, dict]:
     """(tokenizer, text encoder, info) for a text-encoder spec.
 
-    ``info`` has ``max_length`` and ``use_attention_mask``.
+    Specs: ``"tiny"`` (seeded random 32-d CLIP with the real BPE tokenizer), ``"random-clip:D"``
+    (the same with D-d states, e.g. 1024 for a stand-in of SD-2.1's encoder), ``"minilm"``,
+    a local folder or a Hub repo id. ``info`` has ``max_length`` and ``use_attention_mask``.
     """
     from transformers import AutoModel, AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
-    if spec == "tiny":
+    if spec == "tiny" or spec.startswith("random-clip:"):
+        width = 32 if spec == "tiny" else int(spec.split(":", 1)[1])
         torch.manual_seed(seed)
         cfg = CLIPTextConfig(
             vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=37,
+            hidden_size=width,
+            intermediate_size=37 if spec == "tiny" else width,
             num_hidden_layers=2,
             num_attention_heads=4,
             max_position_embeddings=77,

