@@ -66,7 +66,7 @@ def cmd_ground(args: argparse.Namespace) -> int:
     image = load_image(args.image)
     words = [args.words.split(",")] if args.words else None
     start = time.perf_counter()
-    [result] = ground(pipe, image, [args.phrase], cfg, words)
+    [result] = ground(pipe, image, [args.phrase], cfg, words, progress=True)
     heat, over = save_heatmap_pngs(args.out, image, result.heatmap)
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)

@@ -75,6 +75,7 @@ def run_attention(
     config: GroundingConfig | str | None = None,
     words: Sequence[Sequence[str] | None] | None = None,
     keep_maps: bool = False,
+    progress: bool = False,
 ):
     """Invert ``image`` once and record the attention of all ``phrases`` (one batch).
 
@@ -117,6 +118,7 @@ def run_attention(
             read_steps=cfg.window_indices(),
             recorder=recorder,
             autocast_dtype=_DTYPES[cfg.dtype],
+            progress=progress,
         )
     return recorder.store, selections, geo, result.unet_evals, time.perf_counter() - start
 
@@ -127,6 +129,7 @@ def ground(
     phrases: str | Sequence[str],
     config: GroundingConfig | str | None = None,
     words: Sequence[Sequence[str] | None] | None = None,
+    progress: bool = False,
 ) -> list[GroundingResult]:
     """Heatmaps of ``phrases`` on ``image``; the image is inverted once for all phrases.
 
@@ -142,7 +145,9 @@ def ground(
     if isinstance(phrases, str):
         phrases = [phrases]
     keep = cfg.pooling != "mean"
-    store, selections, geo, evals, seconds = run_attention(pipe, image, phrases, cfg, words, keep_maps=keep)
+    store, selections, geo, evals, seconds = run_attention(
+        pipe, image, phrases, cfg, words, keep_maps=keep, progress=progress
+    )
     size = pipe.image_size
     results = []
     for i, (phrase, sel) in enumerate(zip(phrases, selections, strict=True)):

@@ -78,6 +78,7 @@ def ddim_invert(
     stop_after_last_read: bool = True,
     autocast_dtype: torch.dtype | None = None,
     keep_trajectory: bool = False,
+    progress: bool = False,
 ) -> InversionResult:
     """Invert ``latent`` with DDIM, evaluating the phrases only at ``read_steps``.
 
@@ -93,7 +94,10 @@ def ddim_invert(
         stop_after_last_read: end the walk at the last read step (what grounding needs);
             False walks all N steps (a full inversion).
         autocast_dtype: run the UNet under CPU/GPU autocast in this dtype.
+        progress: show a progress bar over the steps (for slow, full-size models).
     """
+    from tqdm.auto import tqdm
+
     ts = inversion_timesteps(scheduler, num_steps)
     read = set(read_steps)
     last = max(read) if (read and stop_after_last_read) else len(ts) - 1
@@ -108,7 +112,7 @@ def ddim_invert(
         if autocast_dtype is not None
         else nullcontext()
     )
-    for i in range(last + 1):
+    for i in tqdm(range(last + 1), desc="DDIM inversion", unit="step", disable=not progress, leave=False):
         t = ts[i]
         with_phrases = i in read and n_phr > 0
         if with_phrases:
