@@ -14,7 +14,6 @@ columns, unknown model, no image found at all) stop before any compute.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -34,7 +33,7 @@ from .baselines import centre_prior
 from .config import GroundingConfig
 from .datasets.mscxr import Sample, load_mscxr
 from .errors import LdmGroundError
-from .heatmap import Geometry, load_image, preprocess
+from .heatmap import load_image, preprocess
 from .metrics import all_metrics
 
 log = logging.getLogger(__name__)
@@ -217,27 +216,6 @@ def in_shard(path: str, shard: tuple[int, int]) -> bool:
     return int(hashlib.sha1(path.encode()).hexdigest(), 16) % n == i
 
 
-def _degenerate(box) -> bool:
-    return not all(math.isfinite(v) for v in box) or not (box[2] > 0 and box[3] > 0)
-
-
-def _crop_boxes(samples: list[Sample], counts: dict, size: int) -> tuple[list[Sample], dict]:
-    """The reader's crop rule (boxes wholly outside the centre crop are dropped, samples
-    left with none skipped), except that degenerate boxes (zero or negative w/h, NaN) are
-    kept, so that :func:`_validate_sample` fails the sample with a reason instead of the
-    box vanishing as "outside the crop"."""
-    kept, dropped, skipped = [], 0, 0
-    for s in samples:
-        geo = Geometry(s.width, s.height, size)
-        boxes = tuple(b for b in s.boxes if _degenerate(b) or geo.box_to_model(b) is not None)
-        dropped += len(s.boxes) - len(boxes)
-        if not boxes:
-            skipped += 1
-            continue
-        kept.append(s if len(boxes) == len(s.boxes) else dataclasses.replace(s, boxes=boxes))
-    return kept, {**counts, "samples": len(kept), "dropped_boxes": dropped, "skipped_samples": skipped}
-
-
 def _validate_sample(sample: Sample, grounder: Grounder) -> list[str]:
     notes = grounder.check_phrase(sample.phrase)
     for b in sample.boxes:
@@ -369,8 +347,7 @@ def evaluate(
 
     out = Path(out_dir)
     size = model.image_size if isinstance(model, Grounder) else None
-    samples, counts = load_mscxr(dataset, images, split=split, crop_size=None, check_files=False)
-    samples, counts = _crop_boxes(samples, counts, size or 512)
+    samples, counts = load_mscxr(dataset, images, split=split, crop_size=size or 512, check_files=False)
     root = Path(images) if images is not None else Path(dataset).parent
     if limit is not None:
         samples = samples[:limit]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,11 @@ def read_mscxr_csv(csv_path: str | Path) -> pd.DataFrame:
     return df
 
 
+def is_degenerate(box: tuple[float, float, float, float]) -> bool:
+    """A box with a missing coordinate or no area."""
+    return not all(math.isfinite(v) for v in box) or not (box[2] > 0 and box[3] > 0)
+
+
 def _sample_id(dicom_id: str, phrase: str) -> str:
     return f"{dicom_id}-{hashlib.sha1(phrase.encode()).hexdigest()[:8]}"
 
@@ -114,7 +120,9 @@ def load_mscxr(
         boxes = [tuple(float(v) for v in r) for r in rows[["x", "y", "w", "h"]].itertuples(index=False)]
         if crop_size is not None:
             geo = Geometry(width, height, crop_size)
-            kept = [b for b in boxes if geo.box_to_model(b) is not None]
+            # Degenerate boxes (w or h <= 0, NaN) are kept, so that evaluation can fail the
+            # sample with a reason instead of the box vanishing as "outside the crop".
+            kept = [b for b in boxes if is_degenerate(b) or geo.box_to_model(b) is not None]
             dropped_boxes += len(boxes) - len(kept)
             boxes = kept
         if not boxes:
