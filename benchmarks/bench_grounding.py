@@ -152,7 +152,7 @@ class KeepEverything:
 
 
 def run_reference(pipe, image, cfg) -> dict:
-    from ldmground.attention import _upsample, cross_attention_layers, minmax
+    from ldmground.attention import cross_attention_layers, minmax, upsample_map
     from ldmground.grounding import _DTYPES
     from ldmground.heatmap import postprocess, preprocess
     from ldmground.inversion import make_scheduler, split_prediction
@@ -205,7 +205,7 @@ def run_reference(pipe, image, cfg) -> dict:
             heads = probs.shape[0] // 2
             p = probs[heads:].mean(0)[:, positions].mean(-1)  # phrase row, mean over heads, tokens
             f = int(round((lh * lw / p.shape[0]) ** 0.5))
-            maps.append(_upsample(minmax(p.view(lh // f, lw // f)), size))
+            maps.append(upsample_map(minmax(p.view(lh // f, lw // f)), size))
     raw = torch.stack(maps).mean(0).numpy()
     heat = postprocess(raw, cfg)
     seconds = time.perf_counter() - start

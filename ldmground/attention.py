@@ -114,7 +114,7 @@ class AttentionStore:
         n = 0
         for shape, s in self.sums[phrase].items():
             # Bilinear upsampling is linear, so upsampling the sum equals summing upsamples.
-            total += _upsample(s, size)
+            total += upsample_map(s, size)
             n += self.counts[phrase][shape]
         if n == 0:
             raise RuntimeError("no attention was recorded; check the layers and the timestep window")
@@ -127,7 +127,8 @@ def minmax(x: torch.Tensor) -> torch.Tensor:
     return (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
 
 
-def _upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def upsample_map(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of one (h, w) map to ``size`` (the model's input frame)."""
     return F.interpolate(x[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
 
 

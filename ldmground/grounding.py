@@ -184,7 +184,7 @@ def pool_maps(
 
     Returns an (H, W) float32 map (before post-processing).
     """
-    from .attention import _upsample, minmax
+    from .attention import minmax, upsample_map
 
     chosen = []
     for (layer, step), tok_maps in sorted(maps.items()):
@@ -196,7 +196,7 @@ def pool_maps(
         m = m.mean(dim=0)
         if cfg.normalize_maps:
             m = minmax(m)
-        chosen.append(_upsample(m, size))
+        chosen.append(upsample_map(m, size))
     if not chosen:
         raise ValueError("no (layer, step) map matches the selection")
     stack = torch.stack(chosen)
