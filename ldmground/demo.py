@@ -310,14 +310,8 @@ def export_demo(
     vae, unet, scaling_factor: float, cfg: DemoTrainConfig, steps_done: int, dest: Path, notes: dict
 ) -> Path:
     """Write the demo model folder (safetensors + hashes) that ``load_pipeline`` reads."""
-    from diffusers import DDIMScheduler
+    from .models import PAPER_SCHEDULER, write_model_folder
 
-    from .models import PAPER_SCHEDULER, PIPELINE_FILE
-
-    dest.mkdir(parents=True, exist_ok=True)
-    unet.save_pretrained(dest / "unet", safe_serialization=True)
-    vae.save_pretrained(dest / "vae", safe_serialization=True)
-    DDIMScheduler.from_config(PAPER_SCHEDULER).save_config(dest / "scheduler")
     meta = {
         "image_size": cfg.image_size,
         "scaling_factor": scaling_factor,
@@ -326,7 +320,7 @@ def export_demo(
         "text_encoder": "minilm",
         "training": {**asdict(cfg), "unet_steps_done": steps_done, **notes},
     }
-    (dest / PIPELINE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    write_model_folder(dest, unet, vae, PAPER_SCHEDULER, meta)
     write_hashes(dest)
     return dest
 

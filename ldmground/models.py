@@ -352,19 +352,23 @@ def _load_folder(source: str | Path, text_encoder: str | None, spec: str) -> Gro
     )
 
 
+def write_model_folder(out_dir: str | Path, unet, vae, scheduler_config: dict, meta: dict) -> Path:
+    """The folder layout ``load_pipeline`` reads: ``unet/``, ``vae/`` (safetensors),
+    ``scheduler/`` and ``ldmground.json`` (``meta``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(out / "unet", safe_serialization=True)
+    vae.save_pretrained(out / "vae", safe_serialization=True)
+    DDIMScheduler.from_config(scheduler_config).save_config(out / "scheduler")
+    (out / PIPELINE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
 def save_pipeline(pipe: GroundingPipeline, out_dir: str | Path, text_encoder: str | None = None) -> Path:
     """Write a pipeline as a diffusers-layout folder (safetensors) that ``load_pipeline`` reads.
 
     ``text_encoder``: a spec to record instead of saving the text encoder (e.g. ``"minilm"``).
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pipe.unet.save_pretrained(out / "unet", safe_serialization=True)
-    pipe.vae.save_pretrained(out / "vae", safe_serialization=True)
-    DDIMScheduler.from_config(pipe.scheduler_config).save_config(out / "scheduler")
-    if text_encoder is None:
-        pipe.text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
-        pipe.tokenizer.save_pretrained(out / "tokenizer")
     meta = {
         "image_size": pipe.image_size,
         "scaling_factor": pipe.scaling_factor,
@@ -372,5 +376,8 @@ def save_pipeline(pipe: GroundingPipeline, out_dir: str | Path, text_encoder: st
         "max_length": pipe.max_length,
         "text_encoder": text_encoder,
     }
-    (out / PIPELINE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    out = write_model_folder(out_dir, pipe.unet, pipe.vae, pipe.scheduler_config, meta)
+    if text_encoder is None:
+        pipe.text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+        pipe.tokenizer.save_pretrained(out / "tokenizer")
     return out

@@ -1,7 +1,9 @@
+import json
 import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from ldmground.demo import DEMO_DIR, swap_sides, verify_hashes
 from ldmground.errors import LdmGroundError
@@ -45,3 +47,23 @@ def test_demo_reads_the_side_word():
         true_cnr.append(cnr(a.heatmap, s.boxes, signed=True))
         swapped_cnr.append(cnr(b.heatmap, s.boxes, signed=True))
     assert np.mean(true_cnr) > np.mean(swapped_cnr) + 0.2
+
+
+def test_export_demo_writes_a_loadable_hashed_folder(tmp_path):
+    from ldmground.demo import DemoTrainConfig, demo_unet, demo_vae, export_demo
+    from ldmground.models import load_pipeline
+
+    unet = demo_unet(384)
+    dest = export_demo(demo_vae(), unet, 0.5, DemoTrainConfig(), 123, tmp_path / "model", {"machine": "test"})
+    verify_hashes(dest)
+    assert sorted(line.split()[1] for line in (dest / "SHA256SUMS").read_text().splitlines()) == [
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ]
+    meta = json.loads((dest / "ldmground.json").read_text())
+    assert meta["training"]["unet_steps_done"] == 123 and meta["training"]["machine"] == "test"
+    pipe = load_pipeline(str(dest))
+    assert (pipe.scaling_factor, pipe.max_length, pipe.use_attention_mask, pipe.image_size) == (0.5, 16, True, 64)
+    assert pipe.scheduler_config["prediction_type"] == "v_prediction"
+    for name, value in unet.state_dict().items():
+        assert torch.equal(pipe.unet.state_dict()[name], value), name
