@@ -18,10 +18,10 @@ Examples:
   python benchmarks/bench_grounding.py --quick                   # tiny model, < 1 min
   python benchmarks/bench_grounding.py --model paper-random --steps 30
   python benchmarks/bench_grounding.py --model paper-random --variants bare,ldmground
+  python benchmarks/bench_grounding.py --model paper-random --dtype bf16 --device cuda
 
 With N = 300 on paper-random the reference variant holds ~15 GB of attention probabilities
 (peak RSS ~24 GB); --variants leaves it out.
-  python benchmarks/bench_grounding.py --model paper-random --dtype bf16 --device cuda
 """
 
 from __future__ import annotations

@@ -57,17 +57,19 @@ def main() -> None:
 
     from ldmground.config import get_preset
     from ldmground.datasets.mscxr import load_mscxr
-    from ldmground.evaluation import evaluate, make_grounder
+    from ldmground.evaluation import DiffusionGrounder, evaluate
+    from ldmground.models import load_pipeline
 
+    pipe = load_pipeline(args.model, device=args.device)  # once: only the autocast dtype changes
+    samples, _ = load_mscxr(args.dataset, args.images, crop_size=pipe.image_size, check_files=False)
     summaries, maps = {}, {}
     for dtype in ["fp32", *args.dtypes]:
         cfg = get_preset(args.preset).replace(dtype=dtype)
+        grounder = DiffusionGrounder(pipe, cfg)
         start = time.perf_counter()
-        grounder = make_grounder(args.model, cfg, args.device)
         report = evaluate(grounder, args.dataset, args.images, args.out, cfg, limit=args.limit, progress=False)
         seconds = time.perf_counter() - start
         summaries[dtype] = report.summary.set_index("category")
-        samples, _ = load_mscxr(args.dataset, args.images, crop_size=grounder.image_size, check_files=False)
         maps[dtype] = heatmaps(grounder, samples, Path(args.images), args.pixel_samples)
         print(
             f"{dtype:5s} {report.succeeded + report.skipped} samples ({report.succeeded} computed now in "

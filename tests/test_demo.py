@@ -65,5 +65,6 @@ def test_export_demo_writes_a_loadable_hashed_folder(tmp_path):
     pipe = load_pipeline(str(dest))
     assert (pipe.scaling_factor, pipe.max_length, pipe.use_attention_mask, pipe.image_size) == (0.5, 16, True, 64)
     assert pipe.scheduler_config["prediction_type"] == "v_prediction"
+    loaded = pipe.unet.state_dict()
     for name, value in unet.state_dict().items():
-        assert torch.equal(pipe.unet.state_dict()[name], value), name
+        assert torch.equal(loaded[name], value), name
