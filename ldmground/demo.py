@@ -75,6 +75,7 @@ class DemoTrainConfig:
     image_size: int = 64
     render_size: int = 256
     two_finding_fraction: float = 0.6
+    three_finding_fraction: float = 0.0
     vae_steps: int = 300
     vae_batch: int = 16
     vae_lr: float = 1e-3
@@ -85,6 +86,7 @@ class DemoTrainConfig:
     ema_decay: float = 0.999
     cfg_dropout: float = 0.1
     mask_weight: float = 4.0
+    min_snr_gamma: float = 0.0
     checkpoint_every: int = 500
     snapshot_every: int = 1000
     threads: int = 2
@@ -156,7 +158,9 @@ def make_training_set(n: int, seed: int, split: str, cfg: DemoTrainConfig, progr
     images, pair_image, pair_phrase, pair_mask = [], [], [], []
     for i in tqdm(range(n), desc=f"render {split}", disable=not progress):
         rng = _image_rng(seed, i, split)
-        k = 2 if rng.random() < cfg.two_finding_fraction else 1
+        r = rng.random()  # number of findings: 3, 2 or 1 by the configured fractions
+        multi = cfg.three_finding_fraction + cfg.two_finding_fraction
+        k = 3 if r < cfg.three_finding_fraction else 2 if r < multi else 1
         img, findings = render_sample(rng, size=cfg.render_size, findings_per_image=k)
         small, _ = preprocess(img.astype(np.float32) / 255.0, cfg.image_size)
         images.append(small)
@@ -245,6 +249,16 @@ def encode_phrases(tokenizer, encoder, phrases: list[str], max_length: int = 16)
     return states, enc["attention_mask"]
 
 
+def min_snr_weight(sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weight for v-prediction: min(SNR, gamma) / (SNR + 1) (Hang et al. 2023).
+
+    It caps the weight of the nearly clean timesteps, where the text barely matters, so more
+    of the loss falls on the noisy ones, where the phrase decides what is drawn where."""
+    alpha_bar = sched.alphas_cumprod[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    return snr.clamp(max=gamma) / (snr + 1)
+
+
 def train_unet(data: TrainingSet, latents: torch.Tensor, cfg: DemoTrainConfig, out: Path, progress: bool = True):
     """Train the UNet with mask-weighted v-prediction loss and classifier-free dropout."""
     from diffusers import DDIMScheduler
@@ -278,6 +292,8 @@ def train_unet(data: TrainingSet, latents: torch.Tensor, cfg: DemoTrainConfig, o
         weight = 1 + cfg.mask_weight * pair_mask[idx][:, None] * (~drop).float()[:, None, None, None]
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch,), generator=gen)
+        if cfg.min_snr_gamma:
+            weight = weight * min_snr_weight(sched, t, cfg.min_snr_gamma)[:, None, None, None]
         zt = sched.add_noise(z0, noise, t)
         target = sched.get_velocity(z0, noise, t)
         with _autocast(cfg):

@@ -68,3 +68,36 @@ def test_export_demo_writes_a_loadable_hashed_folder(tmp_path):
     loaded = pipe.unet.state_dict()
     for name, value in unet.state_dict().items():
         assert torch.equal(loaded[name], value), name
+
+
+def test_min_snr_weight_caps_the_clean_timesteps():
+    from diffusers import DDIMScheduler
+
+    from ldmground.demo import min_snr_weight
+    from ldmground.models import PAPER_SCHEDULER
+
+    sched = DDIMScheduler.from_config(PAPER_SCHEDULER)
+    t = torch.arange(0, 1000, 37)
+    w = min_snr_weight(sched, t, gamma=5.0)
+    alpha_bar = sched.alphas_cumprod[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    noisy = snr < 5.0
+    assert noisy.any() and (~noisy).any()
+    # below gamma the v-loss keeps its weight SNR/(SNR+1) = alpha_bar; above it is capped
+    torch.testing.assert_close(w[noisy], alpha_bar[noisy])
+    torch.testing.assert_close(w[~noisy], 5.0 / (snr[~noisy] + 1))
+    assert w[~noisy].max() <= 5.0 / 6.0 + 1e-6 and w.min() > 0
+
+
+def test_training_set_draws_the_configured_number_of_findings():
+    from ldmground.demo import DemoTrainConfig, make_training_set
+
+    counts = {}
+    for three, two in [(1.0, 0.0), (0.0, 0.0)]:
+        cfg = DemoTrainConfig(three_finding_fraction=three, two_finding_fraction=two, render_size=64, image_size=32)
+        data = make_training_set(4, seed=3, split="train", cfg=cfg, progress=False)
+        counts[three] = np.bincount(data.pair_image, minlength=4).tolist()
+        assert data.images.shape == (4, 32, 32) and data.pair_mask.shape == (len(data.pair_phrase), 8, 8)
+        # per-phrase training pairs: one phrase and one finding mask per finding
+        assert all(m.max() > 0 for m in data.pair_mask)
+    assert counts == {1.0: [3, 3, 3, 3], 0.0: [1, 1, 1, 1]}
