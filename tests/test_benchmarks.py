@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,34 @@ def test_dtype_drift_reports_each_dtype(tmp_path):
     assert re.search(r"^fp32\s+3 samples \(0 computed now", again, re.M), again
     assert re.search(r"^bf16\s+3 samples \(0 computed now", again, re.M), again
     assert re.search(r"^DRIFT dtype=bf16 .*", again, re.M)[0] == line[0]
+
+
+def test_demo_curve_scores_every_snapshot(tmp_path):
+    import numpy as np
+    import pandas as pd
+    from safetensors.torch import save_file
+
+    from ldmground.demo import DemoTrainConfig, demo_unet, demo_vae, make_training_set
+
+    # two committed test images stand in for the 120-image validation split the script renders
+    rows = pd.read_csv(ROOT / "data" / "phantom" / "test.csv").head(2)
+    (tmp_path / "val" / "images").mkdir(parents=True)
+    for path in rows["path"]:
+        shutil.copy(ROOT / "data" / "phantom" / path, tmp_path / "val" / path)
+    rows.to_csv(tmp_path / "val" / "val.csv", index=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    data = make_training_set(4, seed=0, split="train", cfg=DemoTrainConfig(render_size=64), progress=False)
+    np.savez(run / "train_set.npz", images=data.images)
+    save_file(demo_vae().state_dict(), run / "vae.model.safetensors")
+    for step, seed in [(10, 1), (20, 2)]:
+        state = {k: v.contiguous() for k, v in demo_unet(384, seed).state_dict().items()}
+        save_file(state, run / f"unet-ema-{step:06d}.safetensors")
+    args = ["--run", str(run), "--val", str(tmp_path / "val"), "--limit", "2", "--threads", "1"]
+    out = _run("demo_curve.py", *args)
+    lines = re.findall(r"^CURVE step=(\d+) pointing=(\S+) cnr=(\S+) miou=(\S+) auc=(\S+) n=(\d+)$", out, re.M)
+    assert [(int(s), int(n)) for s, *_, n in lines] == [(10, 2), (20, 2)], out
+    for _, pointing, cnr, miou, auc, _ in lines:
+        assert 0 <= float(pointing) <= 1 and float(cnr) >= 0 and 0 <= float(miou) <= 1 and 0 <= float(auc) <= 1
+    assert lines[0][1:5] != lines[1][1:5]  # each snapshot's own weights are grounded
+    assert (run / "curve" / "20" / "results.csv").is_file()  # stored per snapshot: a rerun resumes
