@@ -52,14 +52,13 @@ def main() -> None:
     val_csv = ensure_val_split(Path(args.val))
     out = Path(args.out) if args.out else run / "curve"
     cfg = get_preset(args.preset)
-    snapshots = sorted(run.glob("unet-ema-*.safetensors"))
+    snapshots = {int(p.stem.rsplit("-", 1)[1]): p for p in run.glob("unet-ema-*.safetensors")}
     if args.steps:
-        snapshots = [s for s in snapshots if int(s.stem.rsplit("-", 1)[1]) in args.steps]
+        snapshots = {step: p for step, p in snapshots.items() if step in args.steps}
     if not snapshots:
         raise SystemExit(f"no EMA snapshots (unet-ema-*.safetensors) in {run}")
     scale = run_scaling_factor(run)
-    for snap in snapshots:
-        step = int(snap.stem.rsplit("-", 1)[1])
+    for step, snap in sorted(snapshots.items()):
         grounder = DiffusionGrounder(snapshot_pipeline(run, snap, scale), cfg)
         report = evaluate(grounder, val_csv, val_csv.parent, out / str(step), cfg, limit=args.limit, progress=False)
         m = report.summary.set_index("category").loc["macro"]

@@ -254,8 +254,9 @@ def min_snr_weight(sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
 
     It caps the weight of the nearly clean timesteps, where the text barely matters, so more
     of the loss falls on the noisy ones, where the phrase decides what is drawn where."""
-    alpha_bar = sched.alphas_cumprod[t]
-    snr = alpha_bar / (1 - alpha_bar)
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(sched, t)
     return snr.clamp(max=gamma) / (snr + 1)
 
 
