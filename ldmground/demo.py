@@ -87,6 +87,7 @@ class DemoTrainConfig:
     cfg_dropout: float = 0.1
     mask_weight: float = 4.0
     min_snr_gamma: float = 0.0
+    cross_attention_at: str = "16,8"
     checkpoint_every: int = 500
     snapshot_every: int = 1000
     threads: int = 2
@@ -94,13 +95,23 @@ class DemoTrainConfig:
     max_minutes: float = 0.0
 
 
-def demo_unet(cross_attention_dim: int = 384, seed: int = 0):
-    """6 cross-attention layers: 16x16 (down 0, up 4-5) and 8x8 (down 1, up 2-3).
+def demo_unet(cross_attention_dim: int = 384, seed: int = 0, cross_attention_at: str = "16,8"):
+    """The demo UNet on a 16x16 latent, with its levels at 16x16, 8x8 and 4x4.
+
+    ``cross_attention_at`` names the latent sizes whose blocks read the text. The default
+    ``"16,8"`` gives 6 cross-attention layers: 16x16 (down 0, up 4-5) and 8x8 (down 1, up
+    2-3); ``"16"`` keeps only the 16x16 ones (down 0, up 1-2), so the text can enter only
+    at the finest level. The 4x4 level never has attention.
 
     Small on purpose: on 2 CPU cores training speed, not capacity, limits how well the
     model learns to use the text (see DEMO_TRIALS)."""
     from diffusers import UNet2DConditionModel
 
+    levels = {int(v) for v in cross_attention_at.split(",") if v.strip()}
+    if not levels or not levels <= {16, 8}:
+        raise ValueError(f"cross_attention_at must name latent sizes among 16 and 8, got {cross_attention_at!r}")
+    down = tuple("CrossAttnDownBlock2D" if size in levels else "DownBlock2D" for size in (16, 8)) + ("DownBlock2D",)
+    up = ("UpBlock2D",) + tuple("CrossAttnUpBlock2D" if size in levels else "UpBlock2D" for size in (8, 16))
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=16,
@@ -108,8 +119,8 @@ def demo_unet(cross_attention_dim: int = 384, seed: int = 0):
         out_channels=3,
         block_out_channels=(48, 96, 96),
         layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=down,
+        up_block_types=up,
         mid_block_type="UNetMidBlock2D",
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=16,
@@ -273,7 +284,7 @@ def train_unet(data: TrainingSet, latents: torch.Tensor, cfg: DemoTrainConfig, o
     states, masks = encode_phrases(tok, enc, [""] + unique, info["max_length"])
     phrase_index = torch.tensor([1 + unique.index(p) for p in data.pair_phrase])
     sched = DDIMScheduler.from_config(PAPER_SCHEDULER)
-    unet = demo_unet(states.shape[-1], cfg.seed)
+    unet = demo_unet(states.shape[-1], cfg.seed, cfg.cross_attention_at)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=1e-2)
     ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
     ckpt = out / "unet.ckpt"
@@ -443,7 +454,9 @@ def snapshot_pipeline(run_dir: str | Path, snapshot: str | Path, scaling_factor:
     vae = demo_vae()
     vae.load_state_dict(load_file(run_dir / "vae.model.safetensors"))
     tok, enc, info = load_text_components("minilm")
-    unet = demo_unet(enc.config.hidden_size)
+    config_file = run_dir / "train_config.json"
+    arch = json.loads(config_file.read_text()).get("cross_attention_at", "16,8") if config_file.is_file() else "16,8"
+    unet = demo_unet(enc.config.hidden_size, cross_attention_at=arch)
     unet.load_state_dict(load_file(snapshot))
     return GroundingPipeline(
         vae=vae.eval(),

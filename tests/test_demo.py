@@ -101,3 +101,26 @@ def test_training_set_draws_the_configured_number_of_findings():
         # per-phrase training pairs: one phrase and one finding mask per finding
         assert all(m.max() > 0 for m in data.pair_mask)
     assert counts == {1.0: [3, 3, 3, 3], 0.0: [1, 1, 1, 1]}
+
+
+@pytest.mark.parametrize(
+    ("levels", "sizes"), [("16,8", [16, 8, 8, 8, 16, 16]), ("16", [16, 16, 16]), ("8", [8, 8, 8])]
+)
+def test_demo_unet_reads_the_text_only_at_the_chosen_latent_sizes(levels, sizes):
+    from ldmground.attention import AttentionRecorder, PhraseRow
+    from ldmground.demo import demo_unet
+
+    unet = demo_unet(32, seed=0, cross_attention_at=levels).eval()
+    with AttentionRecorder(unet, keep_maps=True) as rec:
+        rec.begin([PhraseRow(0, [1, 2])], latent_hw=(16, 16))
+        rec.step, rec.active = 0, True
+        with torch.no_grad():
+            unet(torch.randn(1, 3, 16, 16), 500, encoder_hidden_states=torch.randn(1, 4, 32))
+    assert [rec.store.maps[0][(i, 0)].shape[-1] for i in range(len(sizes))] == sizes
+
+
+def test_demo_unet_rejects_an_unknown_latent_size():
+    from ldmground.demo import demo_unet
+
+    with pytest.raises(ValueError, match="cross_attention_at"):
+        demo_unet(32, cross_attention_at="16,4")
