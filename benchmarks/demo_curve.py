@@ -12,6 +12,7 @@ Results are stored per snapshot under ``--out`` (resumable: a rerun skips what i
 Examples:
   python benchmarks/demo_curve.py --run runs/demo                 # every snapshot, 48 samples
   python benchmarks/demo_curve.py --run runs/demo2 --steps 2000 4000 --limit 120
+  python benchmarks/demo_curve.py --run runs/demo16 --layers all   # a model without 8x8 layers
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def main() -> None:
     ap.add_argument("--run", default="runs/demo", help="train-demo output folder")
     ap.add_argument("--val", default="runs/val", help="validation split folder")
     ap.add_argument("--preset", default="demo")
+    ap.add_argument(
+        "--layers", nargs="+", help="cross-attention layer indices, or 'all' (default: the preset's)"
+    )
     ap.add_argument("--limit", type=int, default=48, help="first N validation samples")
     ap.add_argument("--steps", type=int, nargs="*", help="only these snapshots (default: all)")
     ap.add_argument("--threads", type=int, default=2)
@@ -52,6 +56,8 @@ def main() -> None:
     val_csv = ensure_val_split(Path(args.val))
     out = Path(args.out) if args.out else run / "curve"
     cfg = get_preset(args.preset)
+    if args.layers:
+        cfg = cfg.replace(layers=None if args.layers == ["all"] else tuple(int(i) for i in args.layers))
     snapshots = {int(p.stem.rsplit("-", 1)[1]): p for p in run.glob("unet-ema-*.safetensors")}
     if args.steps:
         snapshots = {step: p for step, p in snapshots.items() if step in args.steps}

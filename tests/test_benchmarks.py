@@ -79,10 +79,12 @@ def test_demo_curve_scores_every_snapshot(tmp_path):
     data = make_training_set(4, seed=0, split="train", cfg=DemoTrainConfig(render_size=64), progress=False)
     np.savez(run / "train_set.npz", images=data.images)
     save_file(demo_vae().state_dict(), run / "vae.model.safetensors")
+    # a run whose UNet reads the text only at 16x16: the script must rebuild that architecture
+    (run / "train_config.json").write_text('{"cross_attention_at": "16"}')
     for step, seed in [(10, 1), (20, 2)]:
-        state = {k: v.contiguous() for k, v in demo_unet(384, seed).state_dict().items()}
+        state = {k: v.contiguous() for k, v in demo_unet(384, seed, cross_attention_at="16").state_dict().items()}
         save_file(state, run / f"unet-ema-{step:06d}.safetensors")
-    args = ["--run", str(run), "--val", str(tmp_path / "val"), "--limit", "2", "--threads", "1"]
+    args = ["--run", str(run), "--val", str(tmp_path / "val"), "--limit", "2", "--threads", "1", "--layers", "all"]
     out = _run("demo_curve.py", *args)
     lines = re.findall(r"^CURVE step=(\d+) pointing=(\S+) cnr=(\S+) miou=(\S+) auc=(\S+) n=(\d+)$", out, re.M)
     assert [(int(s), int(n)) for s, *_, n in lines] == [(10, 2), (20, 2)], out
