@@ -38,9 +38,7 @@ def main() -> None:
     ap.add_argument("--run", default="runs/demo", help="train-demo output folder")
     ap.add_argument("--val", default="runs/val", help="validation split folder")
     ap.add_argument("--preset", default="demo")
-    ap.add_argument(
-        "--layers", nargs="+", help="cross-attention layer indices, or 'all' (default: the preset's)"
-    )
+    ap.add_argument("--layers", nargs="+", help="cross-attention layer indices, or 'all' (default: the preset's)")
     ap.add_argument("--limit", type=int, default=48, help="first N validation samples")
     ap.add_argument("--steps", type=int, nargs="*", help="only these snapshots (default: all)")
     ap.add_argument("--threads", type=int, default=2)

@@ -103,9 +103,7 @@ def test_training_set_draws_the_configured_number_of_findings():
     assert counts == {1.0: [3, 3, 3, 3], 0.0: [1, 1, 1, 1]}
 
 
-@pytest.mark.parametrize(
-    ("levels", "sizes"), [("16,8", [16, 8, 8, 8, 16, 16]), ("16", [16, 16, 16]), ("8", [8, 8, 8])]
-)
+@pytest.mark.parametrize(("levels", "sizes"), [("16,8", [16, 8, 8, 8, 16, 16]), ("16", [16, 16, 16]), ("8", [8, 8, 8])])
 def test_demo_unet_reads_the_text_only_at_the_chosen_latent_sizes(levels, sizes):
     from ldmground.attention import AttentionRecorder, PhraseRow
     from ldmground.demo import demo_unet
