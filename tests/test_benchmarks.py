@@ -92,3 +92,21 @@ def test_demo_curve_scores_every_snapshot(tmp_path):
         assert 0 <= float(pointing) <= 1 and float(cnr) >= 0 and 0 <= float(miou) <= 1 and 0 <= float(auc) <= 1
     assert lines[0][1:5] != lines[1][1:5]  # each snapshot's own weights are grounded
     assert (run / "curve" / "20" / "results.csv").is_file()  # stored per snapshot: a rerun resumes
+
+
+def test_demo_knobs_scores_every_setting_on_the_val_split(tmp_path):
+    import pandas as pd
+
+    rows = pd.read_csv(ROOT / "data" / "phantom" / "test.csv").head(2)
+    (tmp_path / "val" / "images").mkdir(parents=True)
+    for path in rows["path"]:
+        shutil.copy(ROOT / "data" / "phantom" / path, tmp_path / "val" / path)
+    rows.to_csv(tmp_path / "val" / "val.csv", index=False)
+    out = _run("demo_knobs.py", "--val", str(tmp_path / "val"), "--out", str(tmp_path / "knobs"), "--threads", "1")
+    line = re.search(r"^KNOBS best=(\S+) preset=(\S+) n=2$", out, re.M)
+    assert line, out
+    assert float(line[1]) >= float(line[2]) > 0
+    macro = pd.read_csv(tmp_path / "knobs" / "macro.csv")
+    assert len(macro) == 5 * 7 * 2 * 3 * 2  # windows x layer groups x tokens x pooling x normalisation
+    assert macro["score"].is_monotonic_decreasing
+    assert len(pd.read_csv(tmp_path / "knobs" / "rows.csv")) == 2 * len(macro)
