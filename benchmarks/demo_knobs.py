@@ -24,15 +24,20 @@ from pathlib import Path
 import torch
 
 WINDOWS = [(0.0, 1.0), (0.1, 0.5), (0.2, 0.8), (0.0, 0.3), (0.1, 0.3)]
+# layer indices of the shipped demo UNet: 1-3 are its 8x8 cross-attention layers
 GROUPS = {"8x8": (1, 2, 3), "L1": (1,), "L2": (2,), "L3": (3,), "L12": (1, 2), "L23": (2, 3), "all": None}
 KEYS = ["window", "layers", "tokens", "pooling", "norm"]
+
+
+def window_label(window: tuple[float, float]) -> str:
+    return f"{window[0]:.1f}-{window[1]:.1f}"
 
 
 def variants(base):
     for win, (group, layers), tokens, pooling, norm in itertools.product(
         WINDOWS, GROUPS.items(), ["phrase", "class"], ["mean", "max", "median"], [True, False]
     ):
-        labels = {"window": f"{win[0]:.1f}-{win[1]:.1f}", "layers": group, "tokens": tokens, "pooling": pooling}
+        labels = {"window": window_label(win), "layers": group, "tokens": tokens, "pooling": pooling}
         options = {
             "layers": layers,
             "steps": list(base.replace(window=win).window_indices()),
@@ -56,6 +61,7 @@ def main() -> None:
     from ldmground.analysis import cache_samples, sweep
     from ldmground.config import get_preset
     from ldmground.datasets.mscxr import load_mscxr
+    from ldmground.demo import rank_settings
     from ldmground.models import load_pipeline
 
     preset = get_preset("demo")
@@ -67,20 +73,13 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows.to_csv(out / "rows.csv", index=False)
-    per_category = rows.groupby(KEYS + ["category"])[["pointing", "cnr", "miou", "auc_roc"]].mean()
-    macro = per_category.groupby(KEYS).mean().reset_index()
-    macro["score"] = macro["pointing"] + macro["cnr"]
-    macro = macro.sort_values("score", ascending=False).reset_index(drop=True)
+    macro = rank_settings(rows, KEYS, ["pointing", "cnr", "miou", "auc_roc"])
     macro.to_csv(out / "macro.csv", index=False)
     print(macro.head(10).to_string(index=False))
-    own = macro[
-        (macro["window"] == "{:.1f}-{:.1f}".format(*preset.window))
-        & (macro["layers"] == "8x8")
-        & (macro["tokens"] == preset.tokens)
-        & (macro["pooling"] == preset.pooling)
-        & (macro["norm"] == preset.normalize_maps)
-    ]
-    print(f"KNOBS best={macro['score'].iloc[0]:.3f} preset={own['score'].iloc[0]:.3f} n={len(samples)}")
+    group = next(name for name, layers in GROUPS.items() if layers == preset.layers)
+    own = (window_label(preset.window), group, preset.tokens, preset.pooling, preset.normalize_maps)
+    own_score = macro.set_index(KEYS).loc[own, "score"]
+    print(f"KNOBS best={macro['score'].iloc[0]:.3f} preset={own_score:.3f} n={len(samples)}")
 
 
 if __name__ == "__main__":

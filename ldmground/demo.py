@@ -454,8 +454,9 @@ def snapshot_pipeline(run_dir: str | Path, snapshot: str | Path, scaling_factor:
     vae = demo_vae()
     vae.load_state_dict(load_file(run_dir / "vae.model.safetensors"))
     tok, enc, info = load_text_components("minilm")
-    config_file = run_dir / "train_config.json"
-    arch = json.loads(config_file.read_text()).get("cross_attention_at", "16,8") if config_file.is_file() else "16,8"
+    saved = run_dir / "train_config.json"  # runs from before the option lack the key: the default
+    settings = json.loads(saved.read_text()) if saved.is_file() else {}
+    arch = settings.get("cross_attention_at", DemoTrainConfig.cross_attention_at)
     unet = demo_unet(enc.config.hidden_size, cross_attention_at=arch)
     unet.load_state_dict(load_file(snapshot))
     return GroundingPipeline(
@@ -511,8 +512,13 @@ def select_demo_preset(pipe, val_csv: str | Path, images: str | Path | None = No
         labels = {"window": f"{win[0]:.1f}-{win[1]:.1f}", "layers": gname, "sigma": sigma, "otsu": otsu}
         variants.append((labels, {"layers": layers, "steps": steps, "sigma": sigma, "otsu": otsu}))
     table = sweep(cached, variants, base, desc="candidates")
-    keys = ["window", "layers", "sigma", "otsu"]
-    per_cat = table.groupby(keys + ["category"])[["pointing", "cnr", "cnr_signed", "miou"]].mean()
-    macro = per_cat.groupby(keys).mean().reset_index()
+    return rank_settings(table, ["window", "layers", "sigma", "otsu"], ["pointing", "cnr", "cnr_signed", "miou"])
+
+
+def rank_settings(table, keys: list[str], metrics: list[str]):
+    """Macro means (over categories) of a sweep's per-sample rows, one row per setting
+    (``keys``), best first by ``score`` = pointing + CNR."""
+    per_category = table.groupby(keys + ["category"])[metrics].mean()
+    macro = per_category.groupby(keys).mean().reset_index()
     macro["score"] = macro["pointing"] + macro["cnr"]
     return macro.sort_values("score", ascending=False).reset_index(drop=True)
