@@ -22,7 +22,7 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +64,9 @@ def write_hashes(folder: Path) -> None:
     (folder / "SHA256SUMS").write_text("".join(f"{sha256_file(folder / f)}  {f}\n" for f in files))
 
 
+LEVEL_CHANNELS = {16: (48, 96, 96), 32: (32, 64, 96)}  # demo UNet channels by latent size
+
+
 @dataclass
 class DemoTrainConfig:
     """Settings of ``ldmground train-demo`` (defaults: the committed model)."""
@@ -88,36 +91,51 @@ class DemoTrainConfig:
     mask_weight: float = 4.0
     min_snr_gamma: float = 0.0
     cross_attention_at: str = "16,8"
+    vae_factor: int = 4
     checkpoint_every: int = 500
     snapshot_every: int = 1000
     threads: int = 2
     bf16: bool = False
     max_minutes: float = 0.0
 
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.vae_factor
 
-def demo_unet(cross_attention_dim: int = 384, seed: int = 0, cross_attention_at: str = "16,8"):
-    """The demo UNet on a 16x16 latent, with its levels at 16x16, 8x8 and 4x4.
 
-    ``cross_attention_at`` names the latent sizes whose blocks read the text. The default
-    ``"16,8"`` gives 6 cross-attention layers: 16x16 (down 0, up 4-5) and 8x8 (down 1, up
-    2-3); ``"16"`` keeps only the 16x16 ones (down 0, up 1-2), so the text can enter only
-    at the finest level. The 4x4 level never has attention.
+def demo_unet(cross_attention_dim: int = 384, seed: int = 0, cross_attention_at: str = "16,8", latent_size: int = 16):
+    """The demo UNet: three levels, at ``latent_size`` and its halves.
+
+    On the default 16x16 latent the levels are 16x16, 8x8 and 4x4 (channels 48/96/96);
+    on a 32x32 latent (``vae_factor=2``) they are 32x32, 16x16 and 8x8 (channels 32/64/96).
+
+    ``cross_attention_at`` names the latent sizes whose blocks read the text, among the
+    levels of at least 8x8. The default ``"16,8"`` gives 6 cross-attention layers in the
+    same order on both latents: down 0 and up 4-5 at 16x16, down 1 and up 2-3 at 8x8;
+    ``"16"`` keeps only the 16x16 ones (down 0, up 1-2).
 
     Small on purpose: on 2 CPU cores training speed, not capacity, limits how well the
     model learns to use the text (see DEMO_TRIALS)."""
     from diffusers import UNet2DConditionModel
 
+    if latent_size not in LEVEL_CHANNELS:
+        raise ValueError(f"latent_size must be one of {sorted(LEVEL_CHANNELS)}, got {latent_size}")
+    sizes = (latent_size, latent_size // 2, latent_size // 4)
     levels = {int(v) for v in cross_attention_at.split(",") if v.strip()}
-    if not levels or not levels <= {16, 8}:
-        raise ValueError(f"cross_attention_at must name latent sizes among 16 and 8, got {cross_attention_at!r}")
-    down = tuple("CrossAttnDownBlock2D" if size in levels else "DownBlock2D" for size in (16, 8)) + ("DownBlock2D",)
-    up = ("UpBlock2D",) + tuple("CrossAttnUpBlock2D" if size in levels else "UpBlock2D" for size in (8, 16))
+    allowed = {size for size in sizes if size >= 8}
+    if not levels or not levels <= allowed:
+        raise ValueError(
+            f"cross_attention_at must name latent sizes among {sorted(allowed)} (latent {latent_size}), "
+            f"got {cross_attention_at!r}"
+        )
+    down = tuple("CrossAttnDownBlock2D" if size in levels else "DownBlock2D" for size in sizes)
+    up = tuple("CrossAttnUpBlock2D" if size in levels else "UpBlock2D" for size in reversed(sizes))
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=16,
+        sample_size=latent_size,
         in_channels=3,
         out_channels=3,
-        block_out_channels=(48, 96, 96),
+        block_out_channels=LEVEL_CHANNELS[latent_size],
         layers_per_block=1,
         down_block_types=down,
         up_block_types=up,
@@ -128,17 +146,22 @@ def demo_unet(cross_attention_dim: int = 384, seed: int = 0, cross_attention_at:
     )
 
 
-def demo_vae(seed: int = 0):
+def demo_vae(seed: int = 0, factor: int = 4):
+    """The demo autoencoder: 64 px, 1 channel, 3 latent channels, ``factor`` px per latent
+    pixel (4: a 16x16 latent, the committed model; 2: a 32x32 latent)."""
     from diffusers import AutoencoderKL
 
+    if factor not in (2, 4):
+        raise ValueError(f"vae_factor must be 2 or 4, got {factor}")
+    levels = factor.bit_length()  # one more block than downsamplings
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=1,
         out_channels=1,
         latent_channels=3,
-        block_out_channels=(16, 32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64)[-levels:],
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
         layers_per_block=1,
         norm_num_groups=8,
         sample_size=64,
@@ -150,7 +173,7 @@ def demo_vae(seed: int = 0):
 
 @dataclass
 class TrainingSet:
-    """Images (N, 64, 64) float32 in [0, 1]; pairs: (image index, phrase, mask (16, 16))."""
+    """Images (N, 64, 64) float32 in [0, 1]; pairs: (image index, phrase, mask at latent size)."""
 
     images: np.ndarray
     pair_image: np.ndarray
@@ -165,7 +188,7 @@ def make_training_set(n: int, seed: int, split: str, cfg: DemoTrainConfig, progr
     from .heatmap import preprocess
     from .phantom import _image_rng, render_sample
 
-    latent = cfg.image_size // 4
+    latent = cfg.latent_size
     images, pair_image, pair_phrase, pair_mask = [], [], [], []
     for i in tqdm(range(n), desc=f"render {split}", disable=not progress):
         rng = _image_rng(seed, i, split)
@@ -221,7 +244,7 @@ def train_vae(data: TrainingSet, cfg: DemoTrainConfig, out: Path, progress: bool
     """Train the autoencoder (L1 + small KL); returns it with its latent scaling factor."""
     from tqdm.auto import tqdm
 
-    vae = demo_vae(cfg.seed)
+    vae = demo_vae(cfg.seed, cfg.vae_factor)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
     ckpt = out / "vae.ckpt"
     start = _load_state(ckpt, vae, opt, None)
@@ -284,7 +307,7 @@ def train_unet(data: TrainingSet, latents: torch.Tensor, cfg: DemoTrainConfig, o
     states, masks = encode_phrases(tok, enc, [""] + unique, info["max_length"])
     phrase_index = torch.tensor([1 + unique.index(p) for p in data.pair_phrase])
     sched = DDIMScheduler.from_config(PAPER_SCHEDULER)
-    unet = demo_unet(states.shape[-1], cfg.seed, cfg.cross_attention_at)
+    unet = demo_unet(states.shape[-1], cfg.seed, cfg.cross_attention_at, cfg.latent_size)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=1e-2)
     ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
     ckpt = out / "unet.ckpt"
@@ -450,22 +473,17 @@ def snapshot_pipeline(run_dir: str | Path, snapshot: str | Path, scaling_factor:
 
     from .models import PAPER_SCHEDULER, GroundingPipeline, load_text_components
 
-    run_dir = Path(run_dir)
-    vae = demo_vae()
-    vae.load_state_dict(load_file(run_dir / "vae.model.safetensors"))
+    cfg = _run_config(run_dir)
     tok, enc, info = load_text_components("minilm")
-    saved = run_dir / "train_config.json"  # runs from before the option lack the key: the default
-    settings = json.loads(saved.read_text()) if saved.is_file() else {}
-    arch = settings.get("cross_attention_at", DemoTrainConfig.cross_attention_at)
-    unet = demo_unet(enc.config.hidden_size, cross_attention_at=arch)
+    unet = demo_unet(enc.config.hidden_size, 0, cfg.cross_attention_at, cfg.latent_size)
     unet.load_state_dict(load_file(snapshot))
     return GroundingPipeline(
-        vae=vae.eval(),
+        vae=_run_vae(run_dir, cfg),
         unet=unet.eval(),
         text_encoder=enc,
         tokenizer=tok,
         scheduler_config=dict(PAPER_SCHEDULER),
-        image_size=64,
+        image_size=cfg.image_size,
         scaling_factor=scaling_factor,
         spec=f"snapshot:{Path(snapshot).stem}",
         **info,
@@ -474,14 +492,25 @@ def snapshot_pipeline(run_dir: str | Path, snapshot: str | Path, scaling_factor:
 
 def run_scaling_factor(run_dir: str | Path) -> float:
     """The latent scaling factor of a run: 1 / std of its training latents (as at export)."""
+    with np.load(Path(run_dir) / "train_set.npz") as z:
+        images = z["images"]
+    return float(1.0 / encode_all(_run_vae(run_dir, _run_config(run_dir)), images).std())
+
+
+def _run_config(run_dir: str | Path) -> DemoTrainConfig:
+    """A run's saved settings; runs from before an option lack its key and get the default."""
+    saved = Path(run_dir) / "train_config.json"
+    settings = json.loads(saved.read_text()) if saved.is_file() else {}
+    known = {f.name for f in fields(DemoTrainConfig)}
+    return DemoTrainConfig(**{k: v for k, v in settings.items() if k in known})
+
+
+def _run_vae(run_dir: str | Path, cfg: DemoTrainConfig):
     from safetensors.torch import load_file
 
-    run_dir = Path(run_dir)
-    with np.load(run_dir / "train_set.npz") as z:
-        images = z["images"]
-    vae = demo_vae()
-    vae.load_state_dict(load_file(run_dir / "vae.model.safetensors"))
-    return float(1.0 / encode_all(vae.eval(), images).std())
+    vae = demo_vae(factor=cfg.vae_factor)
+    vae.load_state_dict(load_file(Path(run_dir) / "vae.model.safetensors"))
+    return vae.eval()
 
 
 def select_demo_preset(pipe, val_csv: str | Path, images: str | Path | None = None, n_steps: int = 25):

@@ -54,10 +54,10 @@ def test_bench_grounding_counts_and_same_heatmap():
 def test_dtype_drift_reports_each_dtype(tmp_path):
     out = _run(
         "dtype_drift.py",
-        "--model", "tiny", "--preset", "fast", "--limit", "3", "--pixel-samples", "1",
+        "--model", "tiny", "--preset", "fast", "--limit", "2", "--pixel-samples", "1",
         "--threads", "1", "--out", str(tmp_path / "drift"),
     )  # fmt: skip
-    line = re.search(r"^DRIFT dtype=bf16 cnr=(\S+) max_category_cnr=(\S+) .* max_pixel=(\S+) .* n=3$", out, re.M)
+    line = re.search(r"^DRIFT dtype=bf16 cnr=(\S+) max_category_cnr=(\S+) .* max_pixel=(\S+) .* n=2$", out, re.M)
     assert line, out
     # bf16 changes the maps a little, not wholesale: heatmaps live in [0, 1]
     assert 0.0 <= float(line[3]) <= 1.0
@@ -66,11 +66,11 @@ def test_dtype_drift_reports_each_dtype(tmp_path):
     # both runs are in the one resumable store: a rerun computes nothing
     again = _run(
         "dtype_drift.py",
-        "--model", "tiny", "--preset", "fast", "--limit", "3", "--pixel-samples", "1",
+        "--model", "tiny", "--preset", "fast", "--limit", "2", "--pixel-samples", "1",
         "--threads", "1", "--out", str(tmp_path / "drift"),
     )  # fmt: skip
-    assert re.search(r"^fp32\s+3 samples \(0 computed now", again, re.M), again
-    assert re.search(r"^bf16\s+3 samples \(0 computed now", again, re.M), again
+    assert re.search(r"^fp32\s+2 samples \(0 computed now", again, re.M), again
+    assert re.search(r"^bf16\s+2 samples \(0 computed now", again, re.M), again
     assert re.search(r"^DRIFT dtype=bf16 .*", again, re.M)[0] == line[0]
 
 
@@ -85,11 +85,13 @@ def test_demo_curve_scores_every_snapshot(tmp_path):
     run.mkdir()
     data = make_training_set(4, seed=0, split="train", cfg=DemoTrainConfig(render_size=64), progress=False)
     np.savez(run / "train_set.npz", images=data.images)
-    save_file(demo_vae().state_dict(), run / "vae.model.safetensors")
-    # a run whose UNet reads the text only at 16x16: the script must rebuild that architecture
-    (run / "train_config.json").write_text('{"cross_attention_at": "16"}')
+    save_file(demo_vae(factor=2).state_dict(), run / "vae.model.safetensors")
+    # a run on a 32x32 latent whose UNet reads the text only at 16x16: the script must
+    # rebuild that architecture from the run's saved settings
+    (run / "train_config.json").write_text('{"cross_attention_at": "16", "vae_factor": 2}')
     for step, seed in [(10, 1), (20, 2)]:
-        state = {k: v.contiguous() for k, v in demo_unet(384, seed, cross_attention_at="16").state_dict().items()}
+        unet = demo_unet(384, seed, cross_attention_at="16", latent_size=32)
+        state = {k: v.contiguous() for k, v in unet.state_dict().items()}
         save_file(state, run / f"unet-ema-{step:06d}.safetensors")
     args = ["--run", str(run), "--val", str(val), "--limit", "2", "--threads", "1", "--layers", "all"]
     out = _run("demo_curve.py", *args)

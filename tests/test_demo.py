@@ -1,5 +1,6 @@
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -103,22 +104,81 @@ def test_training_set_draws_the_configured_number_of_findings():
     assert counts == {1.0: [3, 3, 3, 3], 0.0: [1, 1, 1, 1]}
 
 
-@pytest.mark.parametrize(("levels", "sizes"), [("16,8", [16, 8, 8, 8, 16, 16]), ("16", [16, 16, 16]), ("8", [8, 8, 8])])
-def test_demo_unet_reads_the_text_only_at_the_chosen_latent_sizes(levels, sizes):
+@pytest.mark.parametrize(
+    ("latent", "levels", "sizes"),
+    [
+        (16, "16,8", [16, 8, 8, 8, 16, 16]),
+        (16, "16", [16, 16, 16]),
+        (16, "8", [8, 8, 8]),
+        (32, "16,8", [16, 8, 8, 8, 16, 16]),  # same layer order on the finer latent
+        (32, "32", [32, 32, 32]),
+    ],
+)
+def test_demo_unet_reads_the_text_only_at_the_chosen_latent_sizes(latent, levels, sizes):
     from ldmground.attention import AttentionRecorder, PhraseRow
     from ldmground.demo import demo_unet
 
-    unet = demo_unet(32, seed=0, cross_attention_at=levels).eval()
+    unet = demo_unet(32, seed=0, cross_attention_at=levels, latent_size=latent).eval()
     with AttentionRecorder(unet, keep_maps=True) as rec:
-        rec.begin([PhraseRow(0, [1, 2])], latent_hw=(16, 16))
+        rec.begin([PhraseRow(0, [1, 2])], latent_hw=(latent, latent))
         rec.step, rec.active = 0, True
         with torch.no_grad():
-            unet(torch.randn(1, 3, 16, 16), 500, encoder_hidden_states=torch.randn(1, 4, 32))
+            out = unet(torch.randn(1, 3, latent, latent), 500, encoder_hidden_states=torch.randn(1, 4, 32)).sample
+    assert out.shape == (1, 3, latent, latent)
     assert [rec.store.maps[0][(i, 0)].shape[-1] for i in range(len(sizes))] == sizes
+
+
+@pytest.mark.parametrize(("factor", "side"), [(4, 16), (2, 32)])
+def test_demo_vae_latent_side_follows_its_factor(factor, side):
+    from ldmground.demo import demo_vae
+
+    vae = demo_vae(factor=factor).eval()
+    with torch.no_grad():
+        z = vae.encode(torch.zeros(2, 1, 64, 64)).latent_dist.mean
+        assert z.shape == (2, 3, side, side)
+        assert vae.decode(z).sample.shape == (2, 1, 64, 64)
+    with pytest.raises(ValueError, match="vae_factor"):
+        demo_vae(factor=8)
 
 
 def test_demo_unet_rejects_an_unknown_latent_size():
     from ldmground.demo import demo_unet
 
     with pytest.raises(ValueError, match="cross_attention_at"):
-        demo_unet(32, cross_attention_at="16,4")
+        demo_unet(32, cross_attention_at="16,4")  # the 4x4 level of a 16x16 latent
+    with pytest.raises(ValueError, match="cross_attention_at"):
+        demo_unet(32, cross_attention_at="32")  # a 16x16 latent has no 32x32 level
+    with pytest.raises(ValueError, match="latent_size"):
+        demo_unet(32, latent_size=64)
+
+
+def test_train_demo_checkpoints_resumes_and_exports_a_finer_latent(tmp_path):
+    from safetensors.torch import load_file
+
+    from ldmground.demo import DemoTrainConfig, train_demo
+    from ldmground.models import load_pipeline
+
+    cfg = DemoTrainConfig(
+        out=str(tmp_path / "run"), n_train=6, render_size=64, vae_steps=2, vae_batch=2, steps=4, batch=2,
+        checkpoint_every=2, snapshot_every=2, vae_factor=2, threads=torch.get_num_threads(),
+    )  # fmt: skip
+    model = train_demo(cfg, progress=False)
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("unet-ema-*.safetensors")) == [
+        "unet-ema-000002.safetensors",
+        "unet-ema-000004.safetensors",
+    ]
+    pipe = load_pipeline(str(model))
+    with torch.no_grad():
+        assert pipe.encode_image(torch.zeros(1, 1, 64, 64)).shape == (1, 3, 32, 32)
+    assert pipe.unet.config.sample_size == 32
+    first = load_file(model / "unet" / "diffusion_pytorch_model.safetensors")
+    # the same command again resumes at the last step: nothing is retrained, the export is unchanged
+    again = train_demo(cfg, progress=False)
+    second = load_file(again / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    # more steps continue from the checkpoint
+    longer = train_demo(replace(cfg, steps=6), progress=False)
+    assert json.loads((longer / "ldmground.json").read_text())["training"]["unet_steps_done"] == 6
+    third = load_file(longer / "unet" / "diffusion_pytorch_model.safetensors")
+    assert not all(torch.equal(first[k], third[k]) for k in first)
