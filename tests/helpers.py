@@ -7,7 +7,7 @@ import pandas as pd
 from PIL import Image
 
 from ldmground.config import GroundingConfig
-from ldmground.datasets.mscxr import MSCXR_COLUMNS
+from ldmground.phantom import MSCXR_COLUMNS
 
 # Few steps, same structure as the paper preset: cheap enough for every test.
 QUICK = GroundingConfig(num_inference_steps=10, window=(0.4, 0.6), sigma=2.5, otsu=True)
@@ -32,7 +32,7 @@ def write_dataset(root: Path, n_images: int = 3, size=(96, 80)) -> Path:
         if i == 0:
             rows.append([f"d{i}", "Edema", "bilateral haze", path, 10, 20, 20, 30, w, h, "test"])
             rows.append([f"d{i}", "Edema", "bilateral haze", path, 60, 20, 20, 30, w, h, "test"])
-    df = pd.DataFrame(rows, columns=MSCXR_COLUMNS + ["split"])
+    df = pd.DataFrame(rows, columns=MSCXR_COLUMNS)
     csv = root / "test.csv"
     df.to_csv(csv, index=False)
     return csv
