@@ -3,16 +3,19 @@
 ``ldmground train-demo`` saves an EMA snapshot of the UNet every ``--snapshot-every`` steps
 (``OUT/unet-ema-<step>.safetensors``). This script grounds the first ``--limit`` samples of
 the validation split (``make-phantom --split val --seed 1``, rendered here when missing; never
-the committed test split) with each snapshot and prints one line per snapshot
+the committed test split) with each snapshot and prints one line per snapshot and layer group
 
-  CURVE step=<UNet steps> pointing=<macro> cnr=<macro> miou=<macro> auc=<macro> n=<samples>
+  CURVE step=<UNet steps> layers=<group> pointing=<macro> cnr=<macro> miou=<macro> auc=<macro> n=<samples>
 
-Results are stored per snapshot under ``--out`` (resumable: a rerun skips what is done).
+Each image is inverted once per snapshot; every layer group is a re-aggregation of the same
+recorded maps (:mod:`ldmground.analysis`), so extra groups cost only their scoring. The
+per-sample rows of a snapshot are stored as ``--out/<step>.csv`` (a rerun skips what is done).
 
 Examples:
-  python benchmarks/demo_curve.py --run runs/demo                 # every snapshot, 48 samples
+  python benchmarks/demo_curve.py --run runs/demo                 # every snapshot, preset layers
   python benchmarks/demo_curve.py --run runs/demo2 --steps 2000 4000 --limit 120
-  python benchmarks/demo_curve.py --run runs/demo16 --layers all   # a model without 8x8 layers
+  python benchmarks/demo_curve.py --run runs/demo32 --groups 8x8=1,2,3 16x16=0,4,5
+  python benchmarks/demo_curve.py --run runs/demo16 --groups all   # every layer of the model
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import argparse
 from pathlib import Path
 
 import torch
+
+METRICS = ["pointing", "cnr", "miou", "auc_roc"]
 
 
 def ensure_val_split(folder: Path, n: int = 120) -> Path:
@@ -33,12 +38,28 @@ def ensure_val_split(folder: Path, n: int = 120) -> Path:
     return csv
 
 
+def parse_groups(specs: list[str] | None, preset_layers) -> dict[str, tuple[int, ...] | None]:
+    """``NAME=i,j,k`` layer groups; ``all`` alone means every layer; none given: the preset's."""
+    if not specs:
+        return {"preset": preset_layers}
+    groups = {}
+    for spec in specs:
+        name, _, layers = spec.partition("=")
+        if name == "all" and not layers:
+            groups["all"] = None
+        elif layers:
+            groups[name] = tuple(int(i) for i in layers.split(","))
+        else:
+            raise SystemExit(f"--groups: expected NAME=i,j,k or 'all', got {spec!r}")
+    return groups
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/demo", help="train-demo output folder")
     ap.add_argument("--val", default="runs/val", help="validation split folder")
     ap.add_argument("--preset", default="demo")
-    ap.add_argument("--layers", nargs="+", help="cross-attention layer indices, or 'all' (default: the preset's)")
+    ap.add_argument("--groups", nargs="+", help="layer groups NAME=i,j,k or 'all' (default: the preset's layers)")
     ap.add_argument("--limit", type=int, default=48, help="first N validation samples")
     ap.add_argument("--steps", type=int, nargs="*", help="only these snapshots (default: all)")
     ap.add_argument("--threads", type=int, default=2)
@@ -46,31 +67,48 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    from ldmground.analysis import cache_samples, sweep
     from ldmground.config import get_preset
-    from ldmground.demo import run_scaling_factor, snapshot_pipeline
-    from ldmground.evaluation import DiffusionGrounder, evaluate
+    from ldmground.datasets.mscxr import load_mscxr
+    from ldmground.demo import rank_settings, run_scaling_factor, snapshot_pipeline
 
     run = Path(args.run)
     val_csv = ensure_val_split(Path(args.val))
+    samples = list(load_mscxr(val_csv, val_csv.parent)[0])[: args.limit]
     out = Path(args.out) if args.out else run / "curve"
+    out.mkdir(parents=True, exist_ok=True)
     cfg = get_preset(args.preset)
-    if args.layers:
-        cfg = cfg.replace(layers=None if args.layers == ["all"] else tuple(int(i) for i in args.layers))
+    groups = parse_groups(args.groups, cfg.layers)
     snapshots = {int(p.stem.rsplit("-", 1)[1]): p for p in run.glob("unet-ema-*.safetensors")}
     if args.steps:
         snapshots = {step: p for step, p in snapshots.items() if step in args.steps}
     if not snapshots:
         raise SystemExit(f"no EMA snapshots (unet-ema-*.safetensors) in {run}")
-    scale = run_scaling_factor(run)
+    pipe = None
     for step, snap in sorted(snapshots.items()):
-        grounder = DiffusionGrounder(snapshot_pipeline(run, snap, scale), cfg)
-        report = evaluate(grounder, val_csv, val_csv.parent, out / str(step), cfg, limit=args.limit, progress=False)
-        m = report.summary.set_index("category").loc["macro"]
-        print(
-            f"CURVE step={step} pointing={m.pointing_mean:.3f} cnr={m.cnr_mean:.3f} miou={m.miou_mean:.3f} "
-            f"auc={m.auc_roc_mean:.3f} n={int(m.n)}",
-            flush=True,
-        )
+        done = out / f"{step}.csv"
+        if done.is_file():
+            rows = pd.read_csv(done, dtype={"layers": str})
+        else:
+            if pipe is None:  # built once; later snapshots only swap the UNet weights
+                pipe = snapshot_pipeline(run, snap, run_scaling_factor(run))
+            else:
+                pipe.unet.load_state_dict(load_file(snap))
+            cached = cache_samples(pipe, samples, val_csv.parent, cfg.replace(layers=None), False, keep_tokens=False)
+            variants = [({"layers": name}, {"layers": layers}) for name, layers in groups.items()]
+            rows = sweep(cached, variants, cfg, progress=False)
+            rows.to_csv(done, index=False)
+        macro = rank_settings(rows, ["layers"], METRICS).set_index("layers")
+        for name in groups:
+            m = macro.loc[name]
+            print(
+                f"CURVE step={step} layers={name} pointing={m.pointing:.3f} cnr={m.cnr:.3f} miou={m.miou:.3f} "
+                f"auc={m.auc_roc:.3f} n={rows.sample_id[rows.layers == name].nunique()}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

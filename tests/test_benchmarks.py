@@ -93,14 +93,23 @@ def test_demo_curve_scores_every_snapshot(tmp_path):
         unet = demo_unet(384, seed, cross_attention_at="16", latent_size=32)
         state = {k: v.contiguous() for k, v in unet.state_dict().items()}
         save_file(state, run / f"unet-ema-{step:06d}.safetensors")
-    args = ["--run", str(run), "--val", str(val), "--limit", "2", "--threads", "1", "--layers", "all"]
+    args = ["--run", str(run), "--val", str(val), "--limit", "2", "--threads", "1", "--groups", "all", "first=0"]
     out = _run("demo_curve.py", *args)
-    lines = re.findall(r"^CURVE step=(\d+) pointing=(\S+) cnr=(\S+) miou=(\S+) auc=(\S+) n=(\d+)$", out, re.M)
-    assert [(int(s), int(n)) for s, *_, n in lines] == [(10, 2), (20, 2)], out
-    for _, pointing, cnr, miou, auc, _ in lines:
-        assert 0 <= float(pointing) <= 1 and float(cnr) >= 0 and 0 <= float(miou) <= 1 and 0 <= float(auc) <= 1
-    assert lines[0][1:5] != lines[1][1:5]  # each snapshot's own weights are grounded
-    assert (run / "curve" / "20" / "results.csv").is_file()  # stored per snapshot: a rerun resumes
+    pattern = r"^CURVE step=(\d+) layers=(\S+) pointing=(\S+) cnr=(\S+) miou=(\S+) auc=(\S+) n=(\d+)$"
+    lines = re.findall(pattern, out, re.M)
+    assert [(int(s), g, int(n)) for s, g, *_, n in lines] == [
+        (10, "all", 2),
+        (10, "first", 2),
+        (20, "all", 2),
+        (20, "first", 2),
+    ], out
+    scores = [tuple(float(v) for v in line[2:6]) for line in lines]
+    for pointing, cnr, miou, auc in scores:
+        assert 0 <= pointing <= 1 and cnr >= 0 and 0 <= miou <= 1 and 0 <= auc <= 1
+    assert scores[0] != scores[2]  # each snapshot's own weights are grounded
+    assert scores[0] != scores[1]  # each group pools its own layers
+    assert (run / "curve" / "20.csv").is_file()  # stored per snapshot: a rerun resumes
+    assert re.findall(pattern, _run("demo_curve.py", *args), re.M) == lines
 
 
 def test_demo_knobs_scores_every_setting_on_the_val_split(tmp_path):
