@@ -9,7 +9,8 @@ the committed test split) with each snapshot and prints one line per snapshot an
 
 Each image is inverted once per snapshot; every layer group is a re-aggregation of the same
 recorded maps (:mod:`ldmground.analysis`), so extra groups cost only their scoring. The
-per-sample rows of a snapshot are stored as ``--out/<step>.csv`` (a rerun skips what is done).
+per-sample rows of a snapshot are stored as ``--out/<step>.csv``; a rerun with the same samples
+and groups reads them instead of grounding again.
 
 Examples:
   python benchmarks/demo_curve.py --run runs/demo                 # every snapshot, preset layers
@@ -90,14 +91,16 @@ def main() -> None:
     pipe = None
     for step, snap in sorted(snapshots.items()):
         done = out / f"{step}.csv"
-        if done.is_file():
-            rows = pd.read_csv(done, dtype={"layers": str})
-        else:
+        rows = pd.read_csv(done, dtype={"layers": str}) if done.is_file() else None
+        # stored rows serve a rerun that asks for the same samples and no new group
+        if rows is None or not set(groups) <= set(rows.layers) or rows.sample_id.nunique() != len(samples):
             if pipe is None:  # built once; later snapshots only swap the UNet weights
                 pipe = snapshot_pipeline(run, snap, run_scaling_factor(run))
             else:
                 pipe.unet.load_state_dict(load_file(snap))
-            cached = cache_samples(pipe, samples, val_csv.parent, cfg.replace(layers=None), False, keep_tokens=False)
+            # the phrase tokens' mean is all that "phrase" pooling needs; "class" needs each token
+            record, per_token = cfg.replace(layers=None), cfg.tokens == "class"
+            cached = cache_samples(pipe, samples, val_csv.parent, record, progress=False, keep_tokens=per_token)
             variants = [({"layers": name}, {"layers": layers}) for name, layers in groups.items()]
             rows = sweep(cached, variants, cfg, progress=False)
             rows.to_csv(done, index=False)

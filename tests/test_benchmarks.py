@@ -109,7 +109,10 @@ def test_demo_curve_scores_every_snapshot(tmp_path):
     assert scores[0] != scores[2]  # each snapshot's own weights are grounded
     assert scores[0] != scores[1]  # each group pools its own layers
     assert (run / "curve" / "20.csv").is_file()  # stored per snapshot: a rerun resumes
-    assert re.findall(pattern, _run("demo_curve.py", *args), re.M) == lines
+    for snapshot in run.glob("unet-ema-*.safetensors"):  # a rerun must not need them: it reads the rows
+        snapshot.write_bytes(b"not weights")
+    rerun = re.findall(pattern, _run("demo_curve.py", *args[:-2], "first=0"), re.M)
+    assert rerun == [line for line in lines if line[1] == "first"]
 
 
 def test_demo_knobs_scores_every_setting_on_the_val_split(tmp_path):
