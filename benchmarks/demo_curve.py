@@ -102,7 +102,7 @@ def main() -> None:
             record, per_token = cfg.replace(layers=None), cfg.tokens == "class"
             cached = cache_samples(pipe, samples, val_csv.parent, record, progress=False, keep_tokens=per_token)
             variants = [({"layers": name}, {"layers": layers}) for name, layers in groups.items()]
-            rows = sweep(cached, variants, cfg, progress=False)
+            rows = sweep(cached, variants, record, progress=False)  # a group of None: every layer
             rows.to_csv(done, index=False)
         macro = rank_settings(rows, ["layers"], METRICS).set_index("layers")
         for name in groups:

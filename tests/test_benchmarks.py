@@ -93,25 +93,29 @@ def test_demo_curve_scores_every_snapshot(tmp_path):
         unet = demo_unet(384, seed, cross_attention_at="16", latent_size=32)
         state = {k: v.contiguous() for k, v in unet.state_dict().items()}
         save_file(state, run / f"unet-ema-{step:06d}.safetensors")
-    args = ["--run", str(run), "--val", str(val), "--limit", "2", "--threads", "1", "--groups", "all", "first=0"]
+    groups = ["--groups", "all", "late=1,2", "first=0"]  # the UNet has 3 cross-attention layers
+    args = ["--run", str(run), "--val", str(val), "--limit", "2", "--threads", "1", *groups]
     out = _run("demo_curve.py", *args)
     pattern = r"^CURVE step=(\d+) layers=(\S+) pointing=(\S+) cnr=(\S+) miou=(\S+) auc=(\S+) n=(\d+)$"
     lines = re.findall(pattern, out, re.M)
     assert [(int(s), g, int(n)) for s, g, *_, n in lines] == [
         (10, "all", 2),
+        (10, "late", 2),
         (10, "first", 2),
         (20, "all", 2),
+        (20, "late", 2),
         (20, "first", 2),
     ], out
     scores = [tuple(float(v) for v in line[2:6]) for line in lines]
     for pointing, cnr, miou, auc in scores:
         assert 0 <= pointing <= 1 and cnr >= 0 and 0 <= miou <= 1 and 0 <= auc <= 1
-    assert scores[0] != scores[2]  # each snapshot's own weights are grounded
-    assert scores[0] != scores[1]  # each group pools its own layers
+    assert scores[0] != scores[3]  # each snapshot's own weights are grounded
+    # each group pools its own layers; "all" is all three, not the preset's (1, 2, 3)
+    assert len({scores[0], scores[1], scores[2]}) == 3
     assert (run / "curve" / "20.csv").is_file()  # stored per snapshot: a rerun resumes
     for snapshot in run.glob("unet-ema-*.safetensors"):  # a rerun must not need them: it reads the rows
         snapshot.write_bytes(b"not weights")
-    rerun = re.findall(pattern, _run("demo_curve.py", *args[:-2], "first=0"), re.M)
+    rerun = re.findall(pattern, _run("demo_curve.py", *args[:-3], "first=0"), re.M)
     assert rerun == [line for line in lines if line[1] == "first"]
 
 
