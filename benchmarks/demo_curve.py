@@ -88,6 +88,10 @@ def main() -> None:
         snapshots = {step: p for step, p in snapshots.items() if step in args.steps}
     if not snapshots:
         raise SystemExit(f"no EMA snapshots (unet-ema-*.safetensors) in {run}")
+    # every layer is recorded once per image; each group re-aggregates them (None: every layer).
+    # The phrase tokens' mean is all that "phrase" pooling needs; "class" needs each token.
+    record, per_token = cfg.replace(layers=None), cfg.tokens == "class"
+    variants = [({"layers": name}, {"layers": layers}) for name, layers in groups.items()]
     pipe = None
     for step, snap in sorted(snapshots.items()):
         done = out / f"{step}.csv"
@@ -98,11 +102,8 @@ def main() -> None:
                 pipe = snapshot_pipeline(run, snap, run_scaling_factor(run))
             else:
                 pipe.unet.load_state_dict(load_file(snap))
-            # the phrase tokens' mean is all that "phrase" pooling needs; "class" needs each token
-            record, per_token = cfg.replace(layers=None), cfg.tokens == "class"
             cached = cache_samples(pipe, samples, val_csv.parent, record, progress=False, keep_tokens=per_token)
-            variants = [({"layers": name}, {"layers": layers}) for name, layers in groups.items()]
-            rows = sweep(cached, variants, record, progress=False)  # a group of None: every layer
+            rows = sweep(cached, variants, record, progress=False)
             rows.to_csv(done, index=False)
         macro = rank_settings(rows, ["layers"], METRICS).set_index("layers")
         for name in groups:
