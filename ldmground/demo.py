@@ -90,6 +90,7 @@ class DemoTrainConfig:
     cfg_dropout: float = 0.1
     mask_weight: float = 4.0
     min_snr_gamma: float = 0.0
+    text_sink: bool = False
     cross_attention_at: str = "16,8"
     vae_factor: int = 4
     checkpoint_every: int = 500
@@ -276,13 +277,6 @@ def encode_all(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
     return torch.cat([vae.encode(x[i : i + batch]).latent_dist.mean for i in range(0, len(x), batch)])
 
 
-@torch.no_grad()
-def encode_phrases(tokenizer, encoder, phrases: list[str], max_length: int = 16):
-    enc = tokenizer(phrases, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    states = encoder(enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-    return states, enc["attention_mask"]
-
-
 def min_snr_weight(sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma loss weight for v-prediction: min(SNR, gamma) / (SNR + 1) (Hang et al. 2023).
 
@@ -300,11 +294,11 @@ def train_unet(data: TrainingSet, latents: torch.Tensor, cfg: DemoTrainConfig, o
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     from tqdm.auto import tqdm
 
-    from .models import PAPER_SCHEDULER, load_text_components
+    from .models import PAPER_SCHEDULER, encode_phrases, load_text_components
 
     tok, enc, info = load_text_components("minilm")
     unique = sorted(set(data.pair_phrase))
-    states, masks = encode_phrases(tok, enc, [""] + unique, info["max_length"])
+    states, masks = encode_phrases(tok, enc, [""] + unique, info["max_length"], text_sink=cfg.text_sink)
     phrase_index = torch.tensor([1 + unique.index(p) for p in data.pair_phrase])
     sched = DDIMScheduler.from_config(PAPER_SCHEDULER)
     unet = demo_unet(states.shape[-1], cfg.seed, cfg.cross_attention_at, cfg.latent_size)
@@ -368,6 +362,7 @@ def export_demo(
         "scaling_factor": scaling_factor,
         "use_attention_mask": True,
         "max_length": 16,
+        "text_sink": cfg.text_sink,
         "text_encoder": "minilm",
         "training": {**asdict(cfg), "unet_steps_done": steps_done, **notes},
     }
@@ -485,6 +480,7 @@ def snapshot_pipeline(run_dir: str | Path, snapshot: str | Path, scaling_factor:
         scheduler_config=dict(PAPER_SCHEDULER),
         image_size=cfg.image_size,
         scaling_factor=scaling_factor,
+        text_sink=cfg.text_sink,
         spec=f"snapshot:{Path(snapshot).stem}",
         **info,
     )

@@ -105,7 +105,9 @@ def run_attention(
 
     recorder = AttentionRecorder(pipe.unet, cfg.layers, normalize=cfg.normalize_maps, keep_maps=keep_maps)
     with recorder:
-        recorder.begin([PhraseRow(1 + i, s.positions) for i, s in enumerate(selections)], tuple(latent.shape[-2:]))
+        offset = pipe.sink_length  # keys before the phrase's own tokens
+        rows = [PhraseRow(1 + i, [offset + p for p in s.positions]) for i, s in enumerate(selections)]
+        recorder.begin(rows, tuple(latent.shape[-2:]))
         result = ddim_invert(
             predict,
             latent,

@@ -47,6 +47,8 @@ class GroundingPipeline:
             grayscale image is repeated).
         scaling_factor: latent = scaling_factor * VAE posterior mean.
         use_attention_mask: pass the text padding mask to the UNet (no attention to pads).
+        text_sink: prepend the empty phrase's token states to every phrase (see
+            :func:`encode_phrases`); the model must have been trained that way.
         spec: how the pipeline was named (recorded with results).
         weight_files: weights files read, for provenance hashes.
     """
@@ -61,6 +63,7 @@ class GroundingPipeline:
     scaling_factor: float = 0.18215
     use_attention_mask: bool = False
     max_length: int = 77
+    text_sink: bool = False
     spec: str = ""
     weight_files: list[Path] = field(default_factory=list)
 
@@ -73,16 +76,17 @@ class GroundingPipeline:
             m.to(device)
         return self
 
-    @torch.no_grad()
     def encode_text(self, phrases: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder states (P, L, D) and keep-mask (P, L) of phrases padded to ``max_length``."""
-        enc = self.tokenizer(
-            phrases, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        """Encoder states (P, L, D) and keep-mask (P, L) of phrases padded to ``max_length``
+        (L = ``sink_length`` + ``max_length``)."""
+        return encode_phrases(
+            self.tokenizer, self.text_encoder, phrases, self.max_length, self.use_attention_mask, self.text_sink
         )
-        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-        kwargs = {"attention_mask": mask} if self.use_attention_mask else {}
-        states = self.text_encoder(ids, **kwargs).last_hidden_state
-        return states, mask
+
+    @property
+    def sink_length(self) -> int:
+        """Key positions before a phrase's own tokens: the text sink's, or 0."""
+        return int(sum(self.tokenizer("")["attention_mask"])) if self.text_sink else 0
 
     @torch.no_grad()
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
@@ -91,6 +95,30 @@ class GroundingPipeline:
         if self.image_channels != x.shape[1]:
             x = x.repeat(1, self.image_channels, 1, 1)
         return self.vae.encode(x).latent_dist.mean * self.scaling_factor
+
+
+@torch.no_grad()
+def encode_phrases(
+    tokenizer, encoder, phrases: list[str], max_length: int, use_attention_mask: bool = True, text_sink: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token states (P, L, D) and keep-mask (P, L) of phrases padded to ``max_length``.
+
+    With ``text_sink`` the states of the empty phrase's own tokens (start and end, no
+    padding) come first, the same for every phrase. A bidirectional encoder such as MiniLM
+    mixes the whole phrase into every token, so without them attention has nowhere to go
+    that carries no text; SD's causal CLIP encoder has such a key built in, its start token.
+    """
+    device = next(encoder.parameters()).device
+    enc = tokenizer(phrases, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    kwargs = {"attention_mask": mask} if use_attention_mask else {}
+    states = encoder(ids, **kwargs).last_hidden_state
+    if text_sink:
+        null_states, null_mask = encode_phrases(tokenizer, encoder, [""], max_length, use_attention_mask)
+        sink = null_states[:, null_mask[0].bool()].expand(len(phrases), -1, -1)
+        states = torch.cat([sink, states], dim=1)
+        mask = torch.cat([torch.ones(len(phrases), sink.shape[1], dtype=mask.dtype, device=device), mask], dim=1)
+    return states, mask
 
 
 def sha256_file(path: str | Path) -> str:
@@ -336,6 +364,7 @@ def _load_folder(source: str | Path, text_encoder: str | None, spec: str) -> Gro
     tok, enc, info = load_text_components(te_spec)
     info["max_length"] = int(extra.get("max_length", info["max_length"]))
     info["use_attention_mask"] = bool(extra.get("use_attention_mask", info["use_attention_mask"]))
+    info["text_sink"] = bool(extra.get("text_sink", False))
     files = sorted(path.glob("*/*.safetensors")) if local else []
     return GroundingPipeline(
         vae=vae,
@@ -374,6 +403,7 @@ def save_pipeline(pipe: GroundingPipeline, out_dir: str | Path, text_encoder: st
         "scaling_factor": pipe.scaling_factor,
         "use_attention_mask": pipe.use_attention_mask,
         "max_length": pipe.max_length,
+        "text_sink": pipe.text_sink,
         "text_encoder": text_encoder,
     }
     out = write_model_folder(out_dir, pipe.unet, pipe.vae, pipe.scheduler_config, meta)

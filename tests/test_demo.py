@@ -182,3 +182,65 @@ def test_train_demo_checkpoints_resumes_and_exports_a_finer_latent(tmp_path):
     assert json.loads((longer / "ldmground.json").read_text())["training"]["unet_steps_done"] == 6
     third = load_file(longer / "unet" / "diffusion_pytorch_model.safetensors")
     assert not all(torch.equal(first[k], third[k]) for k in first)
+
+
+def test_text_sink_puts_the_empty_phrase_before_every_phrase():
+    from ldmground.models import encode_phrases, load_text_components
+
+    tok, enc, info = load_text_components("minilm")
+    phrases = ["Small left pleural effusion", "Cardiomegaly"]
+    plain, plain_mask = encode_phrases(tok, enc, phrases, info["max_length"])
+    sunk, sunk_mask = encode_phrases(tok, enc, phrases, info["max_length"], text_sink=True)
+    empty, _ = encode_phrases(tok, enc, [""], info["max_length"])
+    assert sunk.shape == (2, 2 + info["max_length"], plain.shape[-1])  # MiniLM's "" is [CLS] [SEP]
+    assert torch.equal(sunk[:, 2:], plain) and torch.equal(sunk_mask[:, 2:], plain_mask)
+    assert torch.equal(sunk[0, :2], empty[0, :2]) and torch.equal(sunk[1, :2], empty[0, :2])
+    assert sunk_mask[:, :2].eq(1).all()
+
+
+class _KeepProbs:
+    """A plain attention processor that also keeps every cross-attention probability map."""
+
+    def __init__(self):
+        from diffusers.models.attention_processor import AttnProcessor
+
+        self.inner, self.probs = AttnProcessor(), []
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if encoder_hidden_states is not None:
+            b, lk = hidden_states.shape[0], encoder_hidden_states.shape[1]
+            mask = attn.prepare_attention_mask(attention_mask, lk, b)
+            q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+            k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+            self.probs.append(attn.get_attention_scores(q, k, mask).view(b, attn.heads, -1, lk).mean(1))
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+
+def test_grounding_a_text_sink_model_reads_the_phrase_keys_after_the_sink(tmp_path):
+    from ldmground.config import get_preset
+    from ldmground.demo import DemoTrainConfig, demo_unet, demo_vae, export_demo
+    from ldmground.grounding import run_attention
+    from ldmground.models import load_pipeline
+
+    cfg = DemoTrainConfig(text_sink=True)
+    dest = export_demo(demo_vae(), demo_unet(384, seed=3), 0.5, cfg, 1, tmp_path / "model", {})
+    pipe = load_pipeline(str(dest))
+    assert pipe.text_sink and pipe.sink_length == 2
+    layer = pipe.unet.attn_processors
+    name = sorted(n for n in layer if "attn2" in n)[0]
+    keeper = _KeepProbs()
+    pipe.unet.set_attn_processor({**layer, name: keeper})
+    from ldmground.attention import cross_attention_layers
+
+    index = cross_attention_layers(pipe.unet).index(name)
+    config = get_preset("demo").replace(layers=[index], num_inference_steps=3, window=(0.0, 1.0), normalize_maps=False)
+    image = np.random.default_rng(0).random((64, 64))
+    store, (sel,), _, _, _ = run_attention(pipe, image, ["left pleural effusion"], config, keep_maps=True)
+    recorded = [m.flatten(1) for m in store.maps[0].values()]  # (T, h*w) per step
+    keys = [2 + p for p in sel.positions]  # the sink's 2 keys come first
+    truth = [p[1][:, keys].T for p in keeper.probs]  # row 1 carries the phrase
+    unshifted = [p[1][:, list(sel.positions)].T for p in keeper.probs]
+    assert len(recorded) == 3 and len(truth) == 3
+    for got, want, wrong in zip(recorded, truth, unshifted, strict=True):
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(got, wrong.float(), atol=1e-4)
