@@ -5,7 +5,11 @@
 the validation split (``make-phantom --split val --seed 1``, rendered here when missing; never
 the committed test split) with each snapshot and prints one line per snapshot and layer group
 
-  CURVE step=<UNet steps> layers=<group> pointing=<macro> cnr=<macro> miou=<macro> auc=<macro> n=<samples>
+  CURVE step=<UNet steps> layers=<group> pointing=<macro> cnr=<macro> miou=<macro> auc=<macro> text=<macro> n=<samples>
+
+``text`` is the attention on the phrase's tokens inside the boxes over that outside them
+(:func:`ldmground.analysis.phrase_attention_ratio`): near 1 the model spreads the text over
+the whole image, and the maps ground only through small differences.
 
 Each image is inverted once per snapshot; every layer group is a re-aggregation of the same
 recorded maps (:mod:`ldmground.analysis`), so extra groups cost only their scoring. The
@@ -26,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-METRICS = ["pointing", "cnr", "miou", "auc_roc"]
+METRICS = ["pointing", "cnr", "miou", "auc_roc", "text_ratio"]
 
 
 def ensure_val_split(folder: Path, n: int = 120) -> Path:
@@ -71,7 +75,7 @@ def main() -> None:
     import pandas as pd
     from safetensors.torch import load_file
 
-    from ldmground.analysis import cache_samples, sweep
+    from ldmground.analysis import cache_samples, phrase_attention_ratio, sweep
     from ldmground.config import get_preset
     from ldmground.datasets.mscxr import load_mscxr
     from ldmground.demo import rank_settings, run_scaling_factor, snapshot_pipeline
@@ -97,20 +101,27 @@ def main() -> None:
         done = out / f"{step}.csv"
         rows = pd.read_csv(done, dtype={"layers": str}) if done.is_file() else None
         # stored rows serve a rerun that asks for the same samples and no new group
-        if rows is None or not set(groups) <= set(rows.layers) or rows.sample_id.nunique() != len(samples):
+        fresh = rows is not None and "text_ratio" in rows and set(groups) <= set(rows.layers)
+        if not fresh or rows.sample_id.nunique() != len(samples):
             if pipe is None:  # built once; later snapshots only swap the UNet weights
                 pipe = snapshot_pipeline(run, snap, run_scaling_factor(run))
             else:
                 pipe.unet.load_state_dict(load_file(snap))
             cached = cache_samples(pipe, samples, val_csv.parent, record, progress=False, keep_tokens=per_token)
             rows = sweep(cached, variants, record, progress=False)
+            ratios = [
+                {"sample_id": cs.sample.sample_id, "layers": name, "text_ratio": phrase_attention_ratio(cs, layers)}
+                for cs in cached
+                for name, layers in groups.items()
+            ]
+            rows = rows.merge(pd.DataFrame(ratios), on=["sample_id", "layers"])
             rows.to_csv(done, index=False)
         macro = rank_settings(rows, ["layers"], METRICS).set_index("layers")
         for name in groups:
             m = macro.loc[name]
             print(
                 f"CURVE step={step} layers={name} pointing={m.pointing:.3f} cnr={m.cnr:.3f} miou={m.miou:.3f} "
-                f"auc={m.auc_roc:.3f} n={rows.sample_id[rows.layers == name].nunique()}",
+                f"auc={m.auc_roc:.3f} text={m.text_ratio:.3f} n={rows.sample_id[rows.layers == name].nunique()}",
                 flush=True,
             )
 

@@ -21,7 +21,7 @@ import pandas as pd
 from .config import GroundingConfig, get_preset
 from .datasets.mscxr import Sample, load_mscxr
 from .heatmap import load_image, postprocess
-from .metrics import all_metrics, miou
+from .metrics import all_metrics, miou, union_mask
 
 METRICS = ["cnr", "cnr_signed", "cnr_union", "miou", "auc_roc", "auc_roc_binned", "pointing"]
 
@@ -189,6 +189,30 @@ def heatmap_from_cache(
 def score(cs: CachedSample, heatmap: np.ndarray) -> dict[str, float]:
     """All metrics of an original-frame heatmap against the sample's boxes."""
     return all_metrics(heatmap, cs.sample.boxes)
+
+
+def phrase_attention_ratio(cs: CachedSample, layers: Sequence[int] | None = None) -> float:
+    """Mean attention on the phrase's tokens inside the true boxes over the mean outside them.
+
+    Read from the raw cached maps (before any normalisation), each bilinearly upsampled to
+    the model frame and averaged over the cached steps of ``layers`` (default: all). Near 1,
+    the text reaches every position alike, and a heatmap grounds only through the small
+    differences that min-max normalisation stretches; a model that sends the text to the
+    finding scores well above 1.
+    """
+    import torch
+
+    from .attention import upsample_map
+
+    size = cs.cache.image_size
+    geo = cs.cache.geometry
+    boxes = [b for b in (geo.box_to_model(tuple(bx)) for bx in cs.sample.boxes) if b is not None]
+    inside = union_mask((size, size), boxes)
+    chosen = [m for (layer, _), m in cs.maps.items() if layers is None or layer in layers]
+    if not chosen or not inside.any() or inside.all():
+        raise ValueError(f"{cs.sample.sample_id}: no maps of layers {layers} or no box inside the model frame")
+    share = torch.stack([upsample_map(m.float().mean(dim=0), (size, size)) for m in chosen]).mean(dim=0).numpy()
+    return float(share[inside].mean() / share[~inside].mean())
 
 
 def _row(cs: CachedSample, metrics: Mapping[str, float], **variant: Any) -> dict[str, Any]:

@@ -226,3 +226,29 @@ def test_explorer_reaggregates_without_the_unet(tiny_pipe, samples):
         assert ex.widgets["phrase"].value == samples[0].phrase
     finally:
         handle.remove()
+
+
+def test_phrase_attention_ratio_compares_the_raw_maps_inside_and_outside_the_boxes():
+    import torch
+
+    from ldmground.datasets.mscxr import Sample
+    from ldmground.grounding import AttentionCache
+    from ldmground.heatmap import Geometry
+
+    # a 128-px image seen by a 64-px model; the box is the left half of the image
+    sample = Sample(
+        "s", "d", "Pneumothorax", "left pneumothorax", "x.png", ((0.0, 0.0, 64.0, 128.0),), 128, 128, "test"
+    )
+    left = torch.ones(2, 8, 8)  # two tokens, an 8x8 layer
+    left[:, :, :4] = 3.0  # three times the attention over the left half
+    flat = torch.full((2, 4, 4), 0.25)
+    maps = {(0, 1): left, (0, 2): left, (1, 1): flat}
+    cache = AttentionCache([maps], [None], Geometry(128, 128, 64), 64)
+    cs = analysis.CachedSample(sample, np.zeros((128, 128), np.float32), cache, 0, None, CFG)
+    assert analysis.phrase_attention_ratio(cs, [1]) == pytest.approx(1.0)
+    ratio = analysis.phrase_attention_ratio(cs, [0])
+    # bilinear upsampling blends the two halves over one 8-px cell on each side of the edge
+    assert 2.5 < ratio < 3.0
+    assert 1.0 < analysis.phrase_attention_ratio(cs) < ratio  # all layers: the flat one dilutes it
+    with pytest.raises(ValueError, match="no maps of layers"):
+        analysis.phrase_attention_ratio(cs, [5])

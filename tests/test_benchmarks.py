@@ -96,7 +96,7 @@ def test_demo_curve_scores_every_snapshot(tmp_path):
     groups = ["--groups", "all", "late=1,2", "first=0"]  # the UNet has 3 cross-attention layers
     args = ["--run", str(run), "--val", str(val), "--limit", "2", "--threads", "1", *groups]
     out = _run("demo_curve.py", *args)
-    pattern = r"^CURVE step=(\d+) layers=(\S+) pointing=(\S+) cnr=(\S+) miou=(\S+) auc=(\S+) n=(\d+)$"
+    pattern = r"^CURVE step=(\d+) layers=(\S+) pointing=(\S+) cnr=(\S+) miou=(\S+) auc=(\S+) text=(\S+) n=(\d+)$"
     lines = re.findall(pattern, out, re.M)
     assert [(int(s), g, int(n)) for s, g, *_, n in lines] == [
         (10, "all", 2),
