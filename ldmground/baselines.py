@@ -31,3 +31,20 @@ def oracle_boxes(geometry: Geometry, boxes: Sequence[Sequence[float]]) -> np.nda
 
     model_boxes = [b for b in (geometry.box_to_model(tuple(bx)) for bx in boxes) if b is not None]
     return union_mask((geometry.size, geometry.size), model_boxes).astype(np.float32)
+
+
+def oracle_at(geometry: Geometry, boxes: Sequence[Sequence[float]], side: int) -> np.ndarray:
+    """The box oracle as a ``side`` x ``side`` attention layer could draw it at best.
+
+    :func:`oracle_boxes` averaged over ``side`` x ``side`` cells, then bilinearly upsampled to
+    the model frame as every attention map is: scored like a heatmap, it gives the
+    ceiling that a layer's resolution alone puts on each metric.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from .attention import upsample_map
+
+    exact = torch.from_numpy(oracle_boxes(geometry, boxes))
+    cells = F.adaptive_avg_pool2d(exact[None, None], side)[0, 0]
+    return upsample_map(cells, tuple(exact.shape)).numpy()

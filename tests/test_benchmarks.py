@@ -106,9 +106,9 @@ def test_demo_curve_scores_every_snapshot(tmp_path):
         (20, "late", 2),
         (20, "first", 2),
     ], out
-    scores = [tuple(float(v) for v in line[2:6]) for line in lines]
-    for pointing, cnr, miou, auc in scores:
-        assert 0 <= pointing <= 1 and cnr >= 0 and 0 <= miou <= 1 and 0 <= auc <= 1
+    scores = [tuple(float(v) for v in line[2:7]) for line in lines]
+    for pointing, cnr, miou, auc, text in scores:
+        assert 0 <= pointing <= 1 and cnr >= 0 and 0 <= miou <= 1 and 0 <= auc <= 1 and text > 0
     assert scores[0] != scores[3]  # each snapshot's own weights are grounded
     # each group pools its own layers; "all" is all three, not the preset's (1, 2, 3)
     assert len({scores[0], scores[1], scores[2]}) == 3
@@ -131,3 +131,14 @@ def test_demo_knobs_scores_every_setting_on_the_val_split(tmp_path):
     assert len(macro) == 5 * 7 * 2 * 3 * 2  # windows x layer groups x tokens x pooling x normalisation
     assert macro["score"].is_monotonic_decreasing
     assert len(pd.read_csv(tmp_path / "knobs" / "rows.csv")) == len(macro)  # one sample
+
+
+def test_map_ceiling_rises_with_the_map_resolution():
+    args = ["--csv", "data/phantom/test.csv", "--sides", "4", "8", "64", "--limit", "16"]
+    out = _run("map_ceiling.py", *args)
+    pattern = r"^CEILING side=(\d+) pointing=(\S+) cnr=(\S+) miou=(\S+) auc=(\S+) n=16$"
+    lines = {int(side): tuple(float(v) for v in rest) for side, *rest in re.findall(pattern, out, re.M)}
+    assert sorted(lines) == [4, 8, 64], out
+    assert lines[8][0] == 1.0  # on the phantom boxes an 8x8 map can always point inside
+    assert lines[4][1] < lines[8][1] < lines[64][1]  # CNR rises with resolution
+    assert lines[4][2] < lines[8][2]  # and so does mIoU, from the coarsest map on

@@ -82,3 +82,19 @@ def test_pointing_game():
     assert pointing_game(hm, [(0, 3, 2, 2)]) == 1.0
     assert pointing_game(hm, [(3, 0, 2, 2)]) == 0.0
     assert pointing_game(np.full((3, 3), np.nan), [(0, 0, 1, 1)]) == 0.0
+
+
+def test_oracle_at_a_layer_resolution_keeps_the_box_mass_and_blurs_its_edges():
+    from ldmground.baselines import oracle_at, oracle_boxes
+    from ldmground.heatmap import Geometry
+
+    geo = Geometry(128, 128, 64)  # boxes in 128-px original pixels, model frame 64 px
+    boxes = [(20.0, 36.0, 40.0, 24.0)]  # x 10-30, y 18-30 in the model frame
+    exact = oracle_boxes(geo, boxes)
+    assert exact.sum() == 20 * 12
+    np.testing.assert_array_equal(oracle_at(geo, boxes, 64), exact)  # full resolution: the oracle itself
+    coarse = oracle_at(geo, boxes, 8)
+    assert coarse.shape == (64, 64) and 0 < coarse.max() < 1  # no 8-px cell lies wholly in the box
+    assert coarse.sum() == pytest.approx(exact.sum(), rel=0.05)  # averaging and upsampling keep the mass
+    y, x = np.unravel_index(coarse.argmax(), coarse.shape)
+    assert 10 <= x < 30 and 18 <= y < 30  # its peak still lies in the box
