@@ -13,8 +13,8 @@ the whole image, and the maps ground only through small differences.
 
 Each image is inverted once per snapshot; every layer group is a re-aggregation of the same
 recorded maps (:mod:`ldmground.analysis`), so extra groups cost only their scoring. The
-per-sample rows of a snapshot are stored as ``--out/<step>.csv``; a rerun with the same samples
-and groups reads them instead of grounding again.
+per-sample rows of a snapshot are stored as ``--out/<step>-<config hash>.csv``; a rerun with the
+same config, samples and groups reads them instead of grounding again.
 
 Examples:
   python benchmarks/demo_curve.py --run runs/demo                 # every snapshot, preset layers
@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--run", default="runs/demo", help="train-demo output folder")
     ap.add_argument("--val", default="runs/val", help="validation split folder")
     ap.add_argument("--preset", default="demo")
+    ap.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"), help="override the preset's window")
     ap.add_argument("--groups", nargs="+", help="layer groups NAME=i,j,k or 'all' (default: the preset's layers)")
     ap.add_argument("--limit", type=int, default=48, help="first N validation samples")
     ap.add_argument("--steps", type=int, nargs="*", help="only these snapshots (default: all)")
@@ -86,6 +87,8 @@ def main() -> None:
     out = Path(args.out) if args.out else run / "curve"
     out.mkdir(parents=True, exist_ok=True)
     cfg = get_preset(args.preset)
+    if args.window:
+        cfg = cfg.replace(window=tuple(args.window))
     groups = parse_groups(args.groups, cfg.layers)
     snapshots = {int(p.stem.rsplit("-", 1)[1]): p for p in run.glob("unet-ema-*.safetensors")}
     if args.steps:
@@ -98,7 +101,7 @@ def main() -> None:
     variants = [({"layers": name}, {"layers": layers}) for name, layers in groups.items()]
     pipe = None
     for step, snap in sorted(snapshots.items()):
-        done = out / f"{step}.csv"
+        done = out / f"{step}-{cfg.digest()}.csv"  # rows of another config are not reused
         rows = pd.read_csv(done, dtype={"layers": str}) if done.is_file() else None
         # stored rows serve a rerun that asks for the same samples and no new group
         fresh = rows is not None and "text_ratio" in rows and set(groups) <= set(rows.layers)
