@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-WINDOWS = [(0.0, 1.0), (0.1, 0.5), (0.2, 0.8), (0.0, 0.3), (0.1, 0.3)]
+WINDOWS = [(0.0, 1.0), (0.1, 0.5), (0.4, 0.6), (0.2, 0.8), (0.0, 0.3), (0.1, 0.3)]  # 0.4-0.6: the demo preset
 # layer indices of the shipped demo UNet: 1-3 are its 8x8 cross-attention layers
 GROUPS = {"8x8": (1, 2, 3), "L1": (1,), "L2": (2,), "L3": (3,), "L12": (1, 2), "L23": (2, 3), "all": None}
 KEYS = ["window", "layers", "tokens", "pooling", "norm"]

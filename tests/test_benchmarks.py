@@ -128,7 +128,7 @@ def test_demo_knobs_scores_every_setting_on_the_val_split(tmp_path):
     assert line, out
     assert float(line[1]) >= float(line[2]) > 0
     macro = pd.read_csv(tmp_path / "knobs" / "macro.csv")
-    assert len(macro) == 5 * 7 * 2 * 3 * 2  # windows x layer groups x tokens x pooling x normalisation
+    assert len(macro) == 6 * 7 * 2 * 3 * 2  # windows x layer groups x tokens x pooling x normalisation
     assert macro["score"].is_monotonic_decreasing
     assert len(pd.read_csv(tmp_path / "knobs" / "rows.csv")) == len(macro)  # one sample
 
