@@ -69,7 +69,11 @@ LEVEL_CHANNELS = {16: (48, 96, 96), 32: (32, 64, 96)}  # demo UNet channels by l
 
 @dataclass
 class DemoTrainConfig:
-    """Settings of ``ldmground train-demo`` (defaults: the committed model)."""
+    """Settings of ``ldmground train-demo``.
+
+    The defaults are the committed model's, except two: it was trained with
+    ``--text-sink --steps 4500``. ``text_sink`` stays off by default so that runs from before
+    the option, whose saved settings lack it, are read back as they were trained."""
 
     out: str = "runs/demo"
     n_train: int = 5000
