@@ -72,7 +72,7 @@ class DemoTrainConfig:
     """Settings of ``ldmground train-demo``.
 
     The defaults are the committed model's, except two: it was trained with
-    ``--text-sink --steps 4500``. ``text_sink`` stays off by default so that runs from before
+    ``--text-sink --steps 8000``. ``text_sink`` stays off by default so that runs from before
     the option, whose saved settings lack it, are read back as they were trained."""
 
     out: str = "runs/demo"
