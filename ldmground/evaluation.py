@@ -1,11 +1,13 @@
 """Batch evaluation on an MS-CXR-format data set, resumable and shardable.
 
 Every finished image is committed at once to ``OUT/results.sqlite`` (SQLite in WAL mode),
-one row per sample, keyed by sample id + config hash + model spec. A rerun with the same
-arguments skips what is there; shards and processes (``--shard i/n`` or ``accelerate
-launch``) write to the same file. At the end the rows of this run's (model, config) are
-exported to ``results.csv`` and summarised per category in ``summary.csv``; ``run.json``
-records the version, config, model spec and the weights' SHA-256.
+one row per sample, keyed by sample id + config hash + model spec + a digest of the model's
+weights files. A rerun with the same arguments and weights skips what is there; new weights
+under the same spec (a retrained ``demo``, an updated folder) are computed afresh; shards
+and processes (``--shard i/n`` or ``accelerate launch``) write to the same file. At the end
+the rows of this run's (model, weights, config) are exported to ``results.csv`` and
+summarised per category in ``summary.csv``; ``run.json`` records the version, config, model
+spec and the weights' SHA-256.
 
 Per-sample problems (unreadable image, empty phrase, zero-area box, ...) are stored with
 ``status="failed"`` and a reason, and the batch goes on. Configuration problems (missing
@@ -14,6 +16,7 @@ columns, unknown model, no image found at all) stop before any compute.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -74,6 +77,16 @@ class Grounder:
     image_size: int = 512
     weight_files: Sequence[Path] = ()
 
+    @functools.cached_property
+    def weights_digest(self) -> str:
+        """12 hex digits over the SHA-256 of every weights file; "" when there are none."""
+        from .models import sha256_file
+
+        if not self.weight_files:
+            return ""
+        lines = sorted(f"{Path(p).parent.name}/{Path(p).name} {sha256_file(p)}" for p in self.weight_files)
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]
+
     def check_phrase(self, phrase: str) -> list[str]:
         """Raise :class:`LdmGroundError` for a phrase this grounder cannot use; return notes."""
         if not phrase.strip():
@@ -132,8 +145,10 @@ def make_grounder(spec: str, config: GroundingConfig, device: str | None = None)
 # --- results store ------------------------------------------------------------------------
 
 
-def sample_key(sample_id: str, config_hash: str, model: str) -> str:
-    return hashlib.sha256(f"{sample_id}|{config_hash}|{model}".encode()).hexdigest()[:24]
+def sample_key(sample_id: str, config_hash: str, model: str, weights: str = "") -> str:
+    """The store's primary key; ``weights`` is :attr:`Grounder.weights_digest`."""
+    text = f"{sample_id}|{config_hash}|{model}" + (f"|{weights}" if weights else "")
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 class ResultStore:
@@ -228,15 +243,15 @@ def _validate_sample(sample: Sample, grounder: Grounder) -> list[str]:
     return notes
 
 
-def _row(sample: Sample, model: str, chash: str, status: str, message: str = "", **values) -> dict:
+def _row(sample: Sample, grounder: Grounder, chash: str, status: str, message: str = "", **values) -> dict:
     row = {c: None for c in COLUMNS}
     row.update(
-        key=sample_key(sample.sample_id, chash, model),
+        key=sample_key(sample.sample_id, chash, grounder.spec, grounder.weights_digest),
         sample_id=sample.sample_id,
         dicom_id=sample.dicom_id,
         category=sample.category,
         phrase=sample.phrase,
-        model=model,
+        model=grounder.spec,
         config_hash=chash,
         status=status,
         message=message,
@@ -245,9 +260,7 @@ def _row(sample: Sample, model: str, chash: str, status: str, message: str = "",
     return row
 
 
-def _ground_image(
-    grounder: Grounder, path: Path, samples: list[Sample], model: str, chash: str, words_for
-) -> list[dict]:
+def _ground_image(grounder: Grounder, path: Path, samples: list[Sample], chash: str, words_for) -> list[dict]:
     """All rows of one image; never raises for a per-sample problem."""
     rows, good, notes = [], [], {}
     for s in samples:
@@ -255,7 +268,7 @@ def _ground_image(
             notes[s.sample_id] = _validate_sample(s, grounder)
             good.append(s)
         except LdmGroundError as err:
-            rows.append(_row(s, model, chash, "failed", str(err)))
+            rows.append(_row(s, grounder, chash, "failed", str(err)))
     if not good:
         return rows
     start = time.perf_counter()
@@ -271,21 +284,22 @@ def _ground_image(
             maps = grounder(image, [s.phrase for s in good], [words_for(s) for s in good])
         image_notes = [str(w.message) for w in caught if "smaller than the model input" in str(w.message)]
     except LdmGroundError as err:
-        return rows + [_row(s, model, chash, "failed", str(err)) for s in good]
+        return rows + [_row(s, grounder, chash, "failed", str(err)) for s in good]
     except Exception as err:  # a crash inside the model must not end the batch
         log.exception("grounding failed on %s", path)
-        return rows + [_row(s, model, chash, "failed", f"{type(err).__name__}: {err}") for s in good]
+        return rows + [_row(s, grounder, chash, "failed", f"{type(err).__name__}: {err}") for s in good]
     seconds = (time.perf_counter() - start) / len(good)
     for s, hm, extra in zip(good, maps.maps, maps.notes, strict=True):
         msgs = list(dict.fromkeys(notes[s.sample_id] + list(extra) + image_notes))  # check_phrase repeats some
         if not np.isfinite(hm).any():
-            rows.append(_row(s, model, chash, "failed", "heatmap is all NaN"))
+            rows.append(_row(s, grounder, chash, "failed", "heatmap is all NaN"))
             continue
         finite = hm[np.isfinite(hm)]
         if finite.max() == finite.min():
             msgs.append("constant heatmap")
         values = all_metrics(hm, s.boxes)
-        rows.append(_row(s, model, chash, "ok", "; ".join(msgs), unet_evals=maps.unet_evals, seconds=seconds, **values))
+        extra_cols = {"unet_evals": maps.unet_evals, "seconds": seconds, **values}
+        rows.append(_row(s, grounder, chash, "ok", "; ".join(msgs), **extra_cols))
     return rows
 
 
@@ -363,7 +377,8 @@ def evaluate(
         failed = set(store.frame(grounder.spec, chash).query("status == 'failed'")["key"])
         done -= failed
     mine = [s for s in samples if in_shard(s.path, shard)]
-    todo = [s for s in mine if sample_key(s.sample_id, chash, grounder.spec) not in done]
+    key_of = {s.sample_id: sample_key(s.sample_id, chash, grounder.spec, grounder.weights_digest) for s in samples}
+    todo = [s for s in mine if key_of[s.sample_id] not in done]
     skipped = len(mine) - len(todo)
     log.info("shard %d/%d: %d of %d samples to compute, %d already done", *shard, len(todo), len(mine), skipped)
     by_image: dict[str, list[Sample]] = {}
@@ -373,7 +388,7 @@ def evaluate(
     succeeded = failed_n = 0
     bar = tqdm(total=len(todo), desc=f"evaluate {grounder.spec}", unit="sample", disable=not progress)
     for path, group in by_image.items():
-        rows = _ground_image(grounder, root / path, group, grounder.spec, chash, words_for)
+        rows = _ground_image(grounder, root / path, group, chash, words_for)
         store.write(rows)
         succeeded += sum(r["status"] == "ok" for r in rows)
         failed_n += sum(r["status"] != "ok" for r in rows)
@@ -382,7 +397,7 @@ def evaluate(
             on_image_done(path)
     bar.close()
     results = store.frame(grounder.spec, chash)
-    order = {sample_key(s.sample_id, chash, grounder.spec): i for i, s in enumerate(samples)}
+    order = {key_of[s.sample_id]: i for i, s in enumerate(samples)}
     results = results[results["key"].isin(order)]
     results = results.iloc[results["key"].map(order).argsort(kind="stable")].reset_index(drop=True)
     summary = summarize(results)
@@ -409,6 +424,7 @@ def _write_provenance(out: Path, grounder: Grounder, config: GroundingConfig, da
         "dataset": str(dataset),
         "dataset_counts": counts,
         "weights_sha256": {p.parent.name + "/" + p.name: sha256_file(p) for p in grounder.weight_files},
+        "weights_digest": grounder.weights_digest,
     }
     tmp = out / "run.json.tmp"
     tmp.write_text(json.dumps(info, indent=2) + "\n")

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from ldmground.cli import main
-from ldmground.evaluation import evaluate, in_shard, make_grounder, summarize
+from ldmground.evaluation import CentrePriorGrounder, evaluate, in_shard, make_grounder, summarize
 
 from .helpers import QUICK, write_dataset
 
@@ -44,6 +44,33 @@ def test_tiny_model_evaluate_and_resume(dataset, tmp_path):
     assert res[["cnr", "miou", "auc_roc", "pointing"]].notna().all().all()
     # the run recorded the weights it used
     assert (out / "run.json").is_file()
+
+
+class FileBackedPrior(CentrePriorGrounder):
+    """The centre prior under a fixed spec, with a weights file, like a model folder."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.weight_files = [weights]
+
+
+def test_resume_recomputes_when_the_weights_change(dataset, tmp_path):
+    weights = tmp_path / "unet" / "model.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"weights, version 1")
+    out = tmp_path / "out"
+    old_digest = FileBackedPrior(weights).weights_digest
+    first = evaluate(FileBackedPrior(weights), dataset, None, out, QUICK, progress=False)
+    assert first.succeeded == 4 and first.skipped == 0
+    same = evaluate(FileBackedPrior(weights), dataset, None, out, QUICK, progress=False)
+    assert same.skipped == 4 and same.succeeded == 0
+    weights.write_bytes(b"weights, version 2")  # same spec, new weights: nothing is reused
+    changed = evaluate(FileBackedPrior(weights), dataset, None, out, QUICK, progress=False)
+    assert changed.skipped == 0 and changed.succeeded == 4
+    assert len(changed.results) == 4 and len(pd.read_csv(out / "results.csv")) == 4
+    run = json.loads((out / "run.json").read_text())
+    assert run["weights_digest"] == FileBackedPrior(weights).weights_digest
+    assert len(old_digest) == 12 and run["weights_digest"] != old_digest
 
 
 def test_shards_partition_images():
