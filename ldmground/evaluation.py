@@ -78,13 +78,18 @@ class Grounder:
     weight_files: Sequence[Path] = ()
 
     @functools.cached_property
-    def weights_digest(self) -> str:
-        """12 hex digits over the SHA-256 of every weights file; "" when there are none."""
+    def weights_sha256(self) -> dict[str, str]:
+        """``folder/file`` -> SHA-256 of every weights file (read once per grounder)."""
         from .models import sha256_file
 
-        if not self.weight_files:
+        return {f"{Path(p).parent.name}/{Path(p).name}": sha256_file(p) for p in self.weight_files}
+
+    @property
+    def weights_digest(self) -> str:
+        """12 hex digits over :attr:`weights_sha256`; "" when there are no weights files."""
+        if not self.weights_sha256:
             return ""
-        lines = sorted(f"{Path(p).parent.name}/{Path(p).name} {sha256_file(p)}" for p in self.weight_files)
+        lines = sorted(f"{name} {sha}" for name, sha in self.weights_sha256.items())
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]
 
     def check_phrase(self, phrase: str) -> list[str]:
@@ -414,8 +419,6 @@ def _class_words(sample: Sample) -> list[str]:
 
 
 def _write_provenance(out: Path, grounder: Grounder, config: GroundingConfig, dataset, counts: dict) -> None:
-    from .models import sha256_file
-
     info = {
         "ldmground_version": __version__,
         "model": grounder.spec,
@@ -423,7 +426,7 @@ def _write_provenance(out: Path, grounder: Grounder, config: GroundingConfig, da
         "config_hash": config.digest(),
         "dataset": str(dataset),
         "dataset_counts": counts,
-        "weights_sha256": {p.parent.name + "/" + p.name: sha256_file(p) for p in grounder.weight_files},
+        "weights_sha256": grounder.weights_sha256,
         "weights_digest": grounder.weights_digest,
     }
     tmp = out / "run.json.tmp"
