@@ -73,7 +73,14 @@ class DemoTrainConfig:
 
     The defaults are the committed model's, except two: it was trained with
     ``--text-sink --steps 8000``. ``text_sink`` stays off by default so that runs from before
-    the option, whose saved settings lack it, are read back as they were trained."""
+    the option, whose saved settings lack it, are read back as they were trained.
+
+    ``init_from`` names an exported model folder to fine-tune: its VAE (kept as it is, with
+    its latent scaling factor) and its UNet weights start the run, with a new optimizer;
+    the training images are rendered from this config as usual, so pass the folder's data
+    settings (seed, ``n_train``, finding fractions) to train on the same images.
+    ``lr_schedule`` is diffusers' scheduler name (``constant``, ``linear``, ``cosine``, ...)
+    over ``steps`` with ``warmup_steps`` of linear warm-up: ``linear`` is a cool-down to 0."""
 
     out: str = "runs/demo"
     n_train: int = 5000
@@ -102,6 +109,9 @@ class DemoTrainConfig:
     threads: int = 2
     bf16: bool = False
     max_minutes: float = 0.0
+    init_from: str = ""
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
 
     @property
     def latent_size(self) -> int:
@@ -214,18 +224,21 @@ def make_training_set(n: int, seed: int, split: str, cfg: DemoTrainConfig, progr
 # --- training -----------------------------------------------------------------------------
 
 
-def _save_state(path: Path, model, opt, ema, step: int) -> None:
+def _save_state(path: Path, model, opt, ema, step: int, lr_sched=None) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_suffix(".tmp")
-    torch.save({"opt": opt.state_dict(), "step": step}, tmp)
+    state = {"opt": opt.state_dict(), "step": step}
+    if lr_sched is not None:
+        state["lr_sched"] = lr_sched.state_dict()
+    torch.save(state, tmp)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path.with_suffix(".model.safetensors"))
     if ema is not None:
         save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()}, path.with_suffix(".ema.safetensors"))
     tmp.replace(path)
 
 
-def _load_state(path: Path, model, opt, ema) -> int:
+def _load_state(path: Path, model, opt, ema, lr_sched=None) -> int:
     from safetensors.torch import load_file
 
     if not path.is_file():
@@ -233,6 +246,8 @@ def _load_state(path: Path, model, opt, ema) -> int:
     state = torch.load(path, weights_only=True)
     model.load_state_dict(load_file(path.with_suffix(".model.safetensors")))
     opt.load_state_dict(state["opt"])
+    if lr_sched is not None and "lr_sched" in state:  # checkpoints before schedules had none
+        lr_sched.load_state_dict(state["lr_sched"])
     if ema is not None:
         ema.module.load_state_dict(load_file(path.with_suffix(".ema.safetensors")))
     log.info("resumed %s at step %d", path.name, state["step"])
@@ -292,9 +307,19 @@ def min_snr_weight(sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
     return snr.clamp(max=gamma) / (snr + 1)
 
 
-def train_unet(data: TrainingSet, latents: torch.Tensor, cfg: DemoTrainConfig, out: Path, progress: bool = True):
-    """Train the UNet with mask-weighted v-prediction loss and classifier-free dropout."""
+def train_unet(
+    data: TrainingSet,
+    latents: torch.Tensor,
+    cfg: DemoTrainConfig,
+    out: Path,
+    progress: bool = True,
+    init: dict[str, torch.Tensor] | None = None,
+):
+    """Train the UNet with mask-weighted v-prediction loss and classifier-free dropout.
+
+    ``init``: UNet weights to start from (a fine-tune) instead of the seeded initialisation."""
     from diffusers import DDIMScheduler
+    from diffusers.optimization import get_scheduler
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     from tqdm.auto import tqdm
 
@@ -306,10 +331,13 @@ def train_unet(data: TrainingSet, latents: torch.Tensor, cfg: DemoTrainConfig, o
     phrase_index = torch.tensor([1 + unique.index(p) for p in data.pair_phrase])
     sched = DDIMScheduler.from_config(PAPER_SCHEDULER)
     unet = demo_unet(states.shape[-1], cfg.seed, cfg.cross_attention_at, cfg.latent_size)
+    if init is not None:
+        unet.load_state_dict(init)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=1e-2)
+    lr_sched = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
     ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
     ckpt = out / "unet.ckpt"
-    start = _load_state(ckpt, unet, opt, ema)
+    start = _load_state(ckpt, unet, opt, ema, lr_sched)
     gen = torch.Generator().manual_seed(cfg.seed + 2 + start)  # a resumed run draws new batches
     pair_image = torch.from_numpy(data.pair_image)
     pair_mask = torch.from_numpy(data.pair_mask)
@@ -336,8 +364,9 @@ def train_unet(data: TrainingSet, latents: torch.Tensor, cfg: DemoTrainConfig, o
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
+        lr_sched.step()
         ema.update_parameters(unet)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_sched.get_last_lr()[0]:.1e}")
         done = step + 1
         if done % cfg.snapshot_every == 0:
             from safetensors.torch import save_file
@@ -346,10 +375,10 @@ def train_unet(data: TrainingSet, latents: torch.Tensor, cfg: DemoTrainConfig, o
             snap = {k: v.contiguous() for k, v in ema.module.state_dict().items()}
             save_file(snap, out / f"unet-ema-{done:06d}.safetensors")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            _save_state(ckpt, unet, opt, ema, done)
+            _save_state(ckpt, unet, opt, ema, done, lr_sched)
             log.info("UNet step %d loss %.4f (%.1f min)", done, loss.item(), (time.time() - t0) / 60)
         if cfg.max_minutes and time.time() - t0 > cfg.max_minutes * 60:
-            _save_state(ckpt, unet, opt, ema, done)
+            _save_state(ckpt, unet, opt, ema, done, lr_sched)
             log.info("time budget reached at step %d; rerun the same command to continue", done)
             return ema.module.eval(), done
     return ema.module.eval(), cfg.steps
@@ -397,19 +426,58 @@ def train_demo(cfg: DemoTrainConfig, export_to: Path | None = None, progress: bo
             pair_phrase=np.array(data.pair_phrase),
             pair_mask=data.pair_mask,
         )
-    vae = train_vae(data, cfg, out, progress)
-    latents = encode_all(vae, data.images)
-    scaling = float(1.0 / latents.std())
-    unet, done = train_unet(data, latents * scaling, cfg, out, progress)
-    notes = {
-        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
-        "wall_minutes_this_call": round((time.time() - start) / 60, 1),
-    }
+    notes = {}
+    if cfg.init_from:
+        vae, scaling, init, notes["init_unet_steps_done"] = _init_from(Path(cfg.init_from), cfg)
+        latents = encode_all(vae, data.images)
+    else:
+        vae, init = train_vae(data, cfg, out, progress), None
+        latents = encode_all(vae, data.images)
+        scaling = float(1.0 / latents.std())
+    unet, done = train_unet(data, latents * scaling, cfg, out, progress, init=init)
+    notes["machine"] = f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip()
+    notes["wall_minutes_this_call"] = round((time.time() - start) / 60, 1)
     return export_demo(vae, unet, scaling, cfg, done, export_to or out / "model", notes)
 
 
+def _folder_meta(folder: Path) -> dict:
+    from .models import PIPELINE_FILE
+
+    meta_file = folder / PIPELINE_FILE
+    if not meta_file.is_file():
+        raise LdmGroundError(f"--init-from {folder}: no {PIPELINE_FILE}; expected a folder written by train-demo")
+    return json.loads(meta_file.read_text())
+
+
+def _init_from(folder: Path, cfg: DemoTrainConfig):
+    """VAE, latent scaling factor, UNet weights and UNet steps of an exported model folder."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    meta = _folder_meta(folder)
+    if (folder / "SHA256SUMS").is_file():
+        verify_hashes(folder)
+    for key, value in {"image_size": cfg.image_size, "text_sink": cfg.text_sink}.items():
+        if meta.get(key) != value:
+            raise LdmGroundError(f"--init-from {folder}: its {key} is {meta.get(key)!r}, this run's is {value!r}")
+    vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    weights = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    probe = demo_unet(384, cfg.seed, cfg.cross_attention_at, cfg.latent_size)
+    try:
+        probe.load_state_dict(weights)
+    except RuntimeError as err:
+        raise LdmGroundError(
+            f"--init-from {folder}: its UNet does not match this run's architecture "
+            f"(cross_attention_at={cfg.cross_attention_at!r}, vae_factor={cfg.vae_factor}): {err}"
+        ) from None
+    steps = int(meta.get("training", {}).get("unet_steps_done", 0))
+    return vae, float(meta["scaling_factor"]), weights, steps
+
+
 def add_train_parser(sub) -> None:
-    p = sub.add_parser("train-demo", help="train the phantom demo LDM from scratch (resumable)")
+    p = sub.add_parser(
+        "train-demo", help="train the phantom demo LDM from scratch, or fine-tune one (--init-from); resumable"
+    )
     defaults = DemoTrainConfig()
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")
@@ -491,7 +559,11 @@ def snapshot_pipeline(run_dir: str | Path, snapshot: str | Path, scaling_factor:
 
 
 def run_scaling_factor(run_dir: str | Path) -> float:
-    """The latent scaling factor of a run: 1 / std of its training latents (as at export)."""
+    """The latent scaling factor of a run: 1 / std of its training latents (as at export),
+    or that of the folder a fine-tune started from (``init_from``)."""
+    cfg = _run_config(run_dir)
+    if cfg.init_from:
+        return float(_folder_meta(Path(cfg.init_from))["scaling_factor"])
     with np.load(Path(run_dir) / "train_set.npz") as z:
         images = z["images"]
     return float(1.0 / encode_all(_run_vae(run_dir, _run_config(run_dir)), images).std())
@@ -506,8 +578,11 @@ def _run_config(run_dir: str | Path) -> DemoTrainConfig:
 
 
 def _run_vae(run_dir: str | Path, cfg: DemoTrainConfig):
+    from diffusers import AutoencoderKL
     from safetensors.torch import load_file
 
+    if cfg.init_from:  # a fine-tune keeps its start folder's VAE
+        return AutoencoderKL.from_pretrained(Path(cfg.init_from) / "vae").eval()
     vae = demo_vae(factor=cfg.vae_factor)
     vae.load_state_dict(load_file(Path(run_dir) / "vae.model.safetensors"))
     return vae.eval()

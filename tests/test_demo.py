@@ -184,6 +184,48 @@ def test_train_demo_checkpoints_resumes_and_exports_a_finer_latent(tmp_path):
     assert not all(torch.equal(first[k], third[k]) for k in first)
 
 
+def test_train_demo_fine_tunes_a_model_folder_with_a_cool_down(tmp_path):
+    from safetensors.torch import load_file
+
+    from ldmground.demo import DemoTrainConfig, run_scaling_factor, snapshot_pipeline, train_demo
+
+    base = DemoTrainConfig(
+        out=str(tmp_path / "base"), n_train=6, render_size=64, vae_steps=2, vae_batch=2, steps=2, batch=2,
+        checkpoint_every=2, snapshot_every=2, threads=torch.get_num_threads(),
+    )  # fmt: skip
+    start = train_demo(base, progress=False)
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    # lr 0: the fine-tune's export is the start folder's UNet, not a fresh seeded one (seed 1)
+    frozen = replace(base, out=str(tmp_path / "frozen"), init_from=str(start), seed=1, lr=0.0)
+    same = train_demo(frozen, progress=False)
+    before, after = load_file(start / weights), load_file(same / weights)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not (tmp_path / "frozen" / "vae.ckpt").exists()  # the VAE is taken, not trained
+    vae = load_file(start / "vae/diffusion_pytorch_model.safetensors")
+    kept = load_file(same / "vae/diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(vae[k], kept[k]) for k in vae)
+    meta = json.loads((same / "ldmground.json").read_text())
+    assert meta["scaling_factor"] == json.loads((start / "ldmground.json").read_text())["scaling_factor"]
+    assert meta["training"]["init_unet_steps_done"] == 2
+    # the run's snapshots are read back with the start folder's VAE and scaling (the curve tools)
+    assert run_scaling_factor(tmp_path / "frozen") == meta["scaling_factor"]
+    snap = snapshot_pipeline(tmp_path / "frozen", tmp_path / "frozen" / "unet-ema-000002.safetensors", 1.0)
+    assert all(torch.equal(before[k], snap.unet.state_dict()[k]) for k in before)
+    assert all(torch.equal(vae[k], snap.vae.state_dict()[k]) for k in vae)
+    # a linear cool-down ends at lr 0, and the checkpoint keeps the schedule for a resume
+    cool = replace(
+        base, out=str(tmp_path / "cool"), init_from=str(start), steps=4, lr_schedule="linear", warmup_steps=1
+    )
+    moved = load_file(train_demo(cool, progress=False) / weights)
+    assert not all(torch.equal(before[k], moved[k]) for k in before)
+    state = torch.load(tmp_path / "cool" / "unet.ckpt", weights_only=True)
+    assert state["lr_sched"]["last_epoch"] == 4
+    assert [g["lr"] for g in state["opt"]["param_groups"]] == [0.0]
+    # a folder made for another text layout is refused with the field named
+    with pytest.raises(LdmGroundError, match="text_sink"):
+        train_demo(replace(cool, out=str(tmp_path / "bad"), text_sink=True), progress=False)
+
+
 def test_text_sink_puts_the_empty_phrase_before_every_phrase():
     from ldmground.models import encode_phrases, load_text_components
 
