@@ -13,8 +13,9 @@ the whole image, and the maps ground only through small differences.
 
 Each image is inverted once per snapshot; every layer group is a re-aggregation of the same
 recorded maps (:mod:`ldmground.analysis`), so extra groups cost only their scoring. The
-per-sample rows of a snapshot are stored as ``--out/<step>-<config hash>.csv``; a rerun with the
-same config, samples and groups reads them instead of grounding again.
+per-sample rows of a snapshot are stored as ``--out/<step>-<config hash>-<weights hash>.csv``; a
+rerun with the same config, snapshot file, samples and groups reads them instead of grounding
+again (a run retrained into the same folder gets new rows).
 
 Examples:
   python benchmarks/demo_curve.py --run runs/demo                 # every snapshot, preset layers
@@ -80,6 +81,7 @@ def main() -> None:
     from ldmground.config import get_preset
     from ldmground.datasets.mscxr import load_mscxr
     from ldmground.demo import rank_settings, run_scaling_factor, snapshot_pipeline
+    from ldmground.models import sha256_file
 
     run = Path(args.run)
     val_csv = ensure_val_split(Path(args.val))
@@ -101,7 +103,8 @@ def main() -> None:
     variants = [({"layers": name}, {"layers": layers}) for name, layers in groups.items()]
     pipe = None
     for step, snap in sorted(snapshots.items()):
-        done = out / f"{step}-{cfg.digest()}.csv"  # rows of another config are not reused
+        # rows of another config or of other weights under the same step are not reused
+        done = out / f"{step}-{cfg.digest()}-{sha256_file(snap)[:12]}.csv"
         rows = pd.read_csv(done, dtype={"layers": str}) if done.is_file() else None
         # stored rows serve a rerun that asks for the same samples and no new group
         fresh = rows is not None and "text_ratio" in rows and set(groups) <= set(rows.layers)

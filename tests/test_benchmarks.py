@@ -112,11 +112,16 @@ def test_demo_curve_scores_every_snapshot(tmp_path):
     assert scores[0] != scores[3]  # each snapshot's own weights are grounded
     # each group pools its own layers; "all" is all three, not the preset's (1, 2, 3)
     assert len({scores[0], scores[1], scores[2]}) == 3
-    assert len(list((run / "curve").glob("20-*.csv"))) == 1  # stored per snapshot: a rerun resumes
-    for snapshot in run.glob("unet-ema-*.safetensors"):  # a rerun must not need them: it reads the rows
-        snapshot.write_bytes(b"not weights")
+    stored = {p: p.stat().st_mtime_ns for p in (run / "curve").glob("*.csv")}
+    assert len(stored) == 2  # one file of rows per snapshot: a rerun resumes
     rerun = re.findall(pattern, _run("demo_curve.py", *args[:-3], "first=0"), re.M)
     assert rerun == [line for line in lines if line[1] == "first"]
+    assert {p: p.stat().st_mtime_ns for p in (run / "curve").glob("*.csv")} == stored  # read, not recomputed
+    # new weights under an old step name (a run retrained in place) are grounded, not served old rows
+    shutil.copy(run / "unet-ema-000010.safetensors", run / "unet-ema-000020.safetensors")
+    again = re.findall(pattern, _run("demo_curve.py", *args), re.M)
+    assert again[3:] == [("20", *rest) for _, *rest in lines[:3]]  # step 20 now holds step 10's weights
+    assert len(list((run / "curve").glob("20-*.csv"))) == 2
 
 
 def test_demo_knobs_scores_every_setting_on_the_val_split(tmp_path):
