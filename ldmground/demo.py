@@ -334,7 +334,8 @@ def train_unet(
     if init is not None:
         unet.load_state_dict(init)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=1e-2)
-    lr_sched = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
+    name = "constant_with_warmup" if cfg.lr_schedule == "constant" and cfg.warmup_steps else cfg.lr_schedule
+    lr_sched = get_scheduler(name, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
     ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
     ckpt = out / "unet.ckpt"
     start = _load_state(ckpt, unet, opt, ema, lr_sched)
@@ -474,17 +475,29 @@ def _init_from(folder: Path, cfg: DemoTrainConfig):
     return vae, float(meta["scaling_factor"]), weights, steps
 
 
+_HELP = {
+    "init_from": "model folder to fine-tune (its VAE and UNet; new optimizer)",
+    "warmup_steps": "linear learning-rate warm-up steps",
+    "max_minutes": "stop after this many minutes (0: no limit); rerun to continue",
+}
+
+
 def add_train_parser(sub) -> None:
     p = sub.add_parser(
         "train-demo", help="train the phantom demo LDM from scratch, or fine-tune one (--init-from); resumable"
     )
+    from diffusers.optimization import SchedulerType
+
     defaults = DemoTrainConfig()
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        elif name == "lr_schedule":
+            choices = [t.value for t in SchedulerType if t.value != "piecewise_constant"]  # it needs step rules
+            p.add_argument(flag, choices=choices, default=value, help=f"diffusers LR schedule (default: {value})")
         else:
-            p.add_argument(flag, type=type(value), default=value, help=f"(default: {value})")
+            p.add_argument(flag, type=type(value), default=value, help=f"{_HELP.get(name, '')} (default: {value})")
     p.add_argument("--export", help="model folder to write at the end (default: OUT/model)")
     p.set_defaults(func=_cmd_train)
 

@@ -286,3 +286,15 @@ def test_grounding_a_text_sink_model_reads_the_phrase_keys_after_the_sink(tmp_pa
     for got, want, wrong in zip(recorded, truth, unshifted, strict=True):
         torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-6)
         assert not torch.allclose(got, wrong.float(), atol=1e-4)
+
+
+def test_train_demo_command_line_reads_the_fine_tune_options():
+    from ldmground.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(
+        ["train-demo", "--init-from", "data/demo", "--lr-schedule", "cosine", "--warmup-steps", "5"]
+    )
+    assert (args.init_from, args.lr_schedule, args.warmup_steps) == ("data/demo", "cosine", 5)
+    with pytest.raises(SystemExit):  # not a diffusers schedule, or one that needs extra rules
+        parser.parse_args(["train-demo", "--lr-schedule", "piecewise_constant"])
