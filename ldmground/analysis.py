@@ -206,7 +206,7 @@ def phrase_attention_ratio(cs: CachedSample, layers: Sequence[int] | None = None
 
     size = cs.cache.image_size
     geo = cs.cache.geometry
-    boxes = [b for b in (geo.box_to_model(tuple(bx)) for bx in cs.sample.boxes) if b is not None]
+    boxes = geo.boxes_to_model(cs.sample.boxes)
     inside = union_mask((size, size), boxes)
     chosen = [m for (layer, _), m in cs.maps.items() if layers is None or layer in layers]
     if not chosen or not inside.any() or inside.all():
@@ -247,7 +247,7 @@ def text_denoising_gain(
 
     size = pipe.image_size
     image, geo = preprocess(load_image(sample.image_path(images_root)), size)
-    boxes = [b for b in (geo.box_to_model(tuple(bx)) for bx in sample.boxes) if b is not None]
+    boxes = geo.boxes_to_model(sample.boxes)
     if not boxes:
         raise ValueError(f"{sample.sample_id}: no box inside the model frame")
     z0 = pipe.encode_image(torch.from_numpy(image)[None, None])

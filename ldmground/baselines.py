@@ -29,8 +29,7 @@ def oracle_boxes(geometry: Geometry, boxes: Sequence[Sequence[float]]) -> np.nda
     """An upper reference: 1 inside the true boxes (model frame), 0 elsewhere."""
     from .metrics import union_mask
 
-    model_boxes = [b for b in (geometry.box_to_model(tuple(bx)) for bx in boxes) if b is not None]
-    return union_mask((geometry.size, geometry.size), model_boxes).astype(np.float32)
+    return union_mask((geometry.size, geometry.size), geometry.boxes_to_model(boxes)).astype(np.float32)
 
 
 def oracle_at(geometry: Geometry, boxes: Sequence[Sequence[float]], side: int) -> np.ndarray:

@@ -332,7 +332,13 @@ def train_unet(
     sched = DDIMScheduler.from_config(PAPER_SCHEDULER)
     unet = demo_unet(states.shape[-1], cfg.seed, cfg.cross_attention_at, cfg.latent_size)
     if init is not None:
-        unet.load_state_dict(init)
+        try:
+            unet.load_state_dict(init)
+        except RuntimeError as err:
+            raise LdmGroundError(
+                f"--init-from {cfg.init_from}: its UNet does not match this run's architecture "
+                f"(cross_attention_at={cfg.cross_attention_at!r}, vae_factor={cfg.vae_factor}): {err}"
+            ) from None
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=1e-2)
     name = "constant_with_warmup" if cfg.lr_schedule == "constant" and cfg.warmup_steps else cfg.lr_schedule
     lr_sched = get_scheduler(name, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
@@ -463,14 +469,6 @@ def _init_from(folder: Path, cfg: DemoTrainConfig):
             raise LdmGroundError(f"--init-from {folder}: its {key} is {meta.get(key)!r}, this run's is {value!r}")
     vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
     weights = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
-    probe = demo_unet(384, cfg.seed, cfg.cross_attention_at, cfg.latent_size)
-    try:
-        probe.load_state_dict(weights)
-    except RuntimeError as err:
-        raise LdmGroundError(
-            f"--init-from {folder}: its UNet does not match this run's architecture "
-            f"(cross_attention_at={cfg.cross_attention_at!r}, vae_factor={cfg.vae_factor}): {err}"
-        ) from None
     steps = int(meta.get("training", {}).get("unet_steps_done", 0))
     return vae, float(meta["scaling_factor"]), weights, steps
 

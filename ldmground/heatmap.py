@@ -59,6 +59,10 @@ class Geometry:
         s = self.scale
         return ((x0 - ox) * s, (y0 - oy) * s, (x1 - x0) * s, (y1 - y0) * s)
 
+    def boxes_to_model(self, boxes) -> list[Box]:
+        """:meth:`box_to_model` of each box, leaving out those wholly outside the crop."""
+        return [b for b in (self.box_to_model(tuple(bx)) for bx in boxes) if b is not None]
+
     def to_original(self, heatmap: np.ndarray) -> np.ndarray:
         """Map an (S, S) model-frame heatmap to (H, W), NaN outside the crop.
 
