@@ -80,7 +80,9 @@ class DemoTrainConfig:
     the training images are rendered from this config as usual, so pass the folder's data
     settings (seed, ``n_train``, finding fractions) to train on the same images.
     ``lr_schedule`` is diffusers' scheduler name (``constant``, ``linear``, ``cosine``, ...)
-    over ``steps`` with ``warmup_steps`` of linear warm-up: ``linear`` is a cool-down to 0."""
+    over ``steps`` with ``warmup_steps`` of linear warm-up: ``linear`` is a cool-down to 0.
+    ``category_weights`` draws the training pairs of some categories more (or less) often,
+    e.g. ``"Pneumothorax=3"``; empty: every pair equally often."""
 
     out: str = "runs/demo"
     n_train: int = 5000
@@ -112,6 +114,7 @@ class DemoTrainConfig:
     init_from: str = ""
     lr_schedule: str = "constant"
     warmup_steps: int = 0
+    category_weights: str = ""
 
     @property
     def latent_size(self) -> int:
@@ -188,12 +191,59 @@ def demo_vae(seed: int = 0, factor: int = 4):
 
 @dataclass
 class TrainingSet:
-    """Images (N, 64, 64) float32 in [0, 1]; pairs: (image index, phrase, mask at latent size)."""
+    """Images (N, 64, 64) float32 in [0, 1]; pairs: (image index, phrase, mask at latent size,
+    category). ``pair_category`` is None for a training set cached before it was recorded."""
 
     images: np.ndarray
     pair_image: np.ndarray
     pair_phrase: list[str]
     pair_mask: np.ndarray
+    pair_category: np.ndarray | None = None
+
+    def save(self, path: Path) -> None:
+        arrays = {"images": self.images, "pair_image": self.pair_image, "pair_mask": self.pair_mask}
+        arrays["pair_phrase"] = np.array(self.pair_phrase)
+        if self.pair_category is not None:
+            arrays["pair_category"] = self.pair_category
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path: Path) -> TrainingSet:
+        with np.load(path) as z:
+            category = z["pair_category"].astype(str) if "pair_category" in z.files else None
+            return cls(z["images"], z["pair_image"], [str(p) for p in z["pair_phrase"]], z["pair_mask"], category)
+
+
+def pair_weights(data: TrainingSet, spec: str) -> torch.Tensor | None:
+    """Sampling weight of each training pair from ``spec``, e.g. ``"Pneumothorax=3,Lung Opacity=2"``
+    (categories not named keep weight 1); None for an empty spec (uniform draws)."""
+    from .phantom import CATEGORIES
+
+    if not spec.strip():
+        return None
+    factors = {}
+    for item in spec.split(","):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in CATEGORIES:
+            raise LdmGroundError(
+                f"category_weights: {item.strip()!r} is not CATEGORY=FACTOR with a category among {list(CATEGORIES)}"
+            )
+        try:
+            factors[name] = float(value)
+        except ValueError:
+            raise LdmGroundError(f"category_weights: {item.strip()!r}: {value!r} is not a number") from None
+        if factors[name] < 0:
+            raise LdmGroundError(f"category_weights: {item.strip()!r}: a weight cannot be negative")
+    if data.pair_category is None:
+        raise LdmGroundError(
+            "category_weights: the cached train_set.npz has no pair categories (made by an older version); "
+            "delete it to render the training set again"
+        )
+    weights = torch.tensor([factors.get(c, 1.0) for c in data.pair_category], dtype=torch.float64)
+    if not weights.sum() > 0:
+        raise LdmGroundError(f"category_weights: {spec!r} leaves no training pair to draw")
+    return weights
 
 
 def make_training_set(n: int, seed: int, split: str, cfg: DemoTrainConfig, progress: bool = True) -> TrainingSet:
@@ -204,7 +254,7 @@ def make_training_set(n: int, seed: int, split: str, cfg: DemoTrainConfig, progr
     from .phantom import _image_rng, render_sample
 
     latent = cfg.latent_size
-    images, pair_image, pair_phrase, pair_mask = [], [], [], []
+    images, pair_image, pair_phrase, pair_mask, pair_category = [], [], [], [], []
     for i in tqdm(range(n), desc=f"render {split}", disable=not progress):
         rng = _image_rng(seed, i, split)
         r = rng.random()  # number of findings: 3, 2 or 1 by the configured fractions
@@ -217,8 +267,11 @@ def make_training_set(n: int, seed: int, split: str, cfg: DemoTrainConfig, progr
             m = torch.from_numpy(f.mask.astype(np.float32))[None, None]
             pair_image.append(i)
             pair_phrase.append(f.phrase)
+            pair_category.append(f.category)
             pair_mask.append(F.adaptive_avg_pool2d(m, latent)[0, 0].numpy())
-    return TrainingSet(np.stack(images), np.array(pair_image), pair_phrase, np.stack(pair_mask))
+    return TrainingSet(
+        np.stack(images), np.array(pair_image), pair_phrase, np.stack(pair_mask), np.array(pair_category)
+    )
 
 
 # --- training -----------------------------------------------------------------------------
@@ -348,11 +401,15 @@ def train_unet(
     gen = torch.Generator().manual_seed(cfg.seed + 2 + start)  # a resumed run draws new batches
     pair_image = torch.from_numpy(data.pair_image)
     pair_mask = torch.from_numpy(data.pair_mask)
+    draw_weights = pair_weights(data, cfg.category_weights)
     t0 = time.time()
     unet.train()
     bar = tqdm(range(start, cfg.steps), desc="train UNet", initial=start, total=cfg.steps, disable=not progress)
     for step in bar:
-        idx = torch.randint(len(pair_image), (cfg.batch,), generator=gen)
+        if draw_weights is None:
+            idx = torch.randint(len(pair_image), (cfg.batch,), generator=gen)
+        else:
+            idx = torch.multinomial(draw_weights, cfg.batch, replacement=True, generator=gen)
         z0 = latents[pair_image[idx]]
         pidx = phrase_index[idx].clone()
         drop = torch.rand(cfg.batch, generator=gen) < cfg.cfg_dropout
@@ -422,17 +479,10 @@ def train_demo(cfg: DemoTrainConfig, export_to: Path | None = None, progress: bo
     start = time.time()
     cache = out / "train_set.npz"
     if cache.is_file():
-        with np.load(cache) as z:
-            data = TrainingSet(z["images"], z["pair_image"], [str(p) for p in z["pair_phrase"]], z["pair_mask"])
+        data = TrainingSet.load(cache)
     else:
         data = make_training_set(cfg.n_train, cfg.seed, "train", cfg, progress)
-        np.savez(
-            cache,
-            images=data.images,
-            pair_image=data.pair_image,
-            pair_phrase=np.array(data.pair_phrase),
-            pair_mask=data.pair_mask,
-        )
+        data.save(cache)
     notes = {}
     if cfg.init_from:
         vae, scaling, init, notes["init_unet_steps_done"] = _init_from(Path(cfg.init_from), cfg)
@@ -477,6 +527,7 @@ _HELP = {
     "init_from": "model folder to fine-tune (its VAE and UNet; new optimizer)",
     "warmup_steps": "linear learning-rate warm-up steps",
     "max_minutes": "stop after this many minutes (0: no limit); rerun to continue",
+    "category_weights": "draw some categories' pairs more often, e.g. 'Pneumothorax=3,Lung Opacity=2'",
 }
 
 

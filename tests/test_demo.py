@@ -214,8 +214,9 @@ def test_train_demo_fine_tunes_a_model_folder_with_a_cool_down(tmp_path):
     assert all(torch.equal(vae[k], snap.vae.state_dict()[k]) for k in vae)
     # a linear cool-down ends at lr 0, and the checkpoint keeps the schedule for a resume
     cool = replace(
-        base, out=str(tmp_path / "cool"), init_from=str(start), steps=4, lr_schedule="linear", warmup_steps=1
-    )
+        base, out=str(tmp_path / "cool"), init_from=str(start), steps=4, lr_schedule="linear", warmup_steps=1,
+        category_weights="Edema=2,Pneumothorax=3",  # the weighted draws train too
+    )  # fmt: skip
     moved = load_file(train_demo(cool, progress=False) / weights)
     assert not all(torch.equal(before[k], moved[k]) for k in before)
     state = torch.load(tmp_path / "cool" / "unet.ckpt", weights_only=True)
@@ -298,3 +299,36 @@ def test_train_demo_command_line_reads_the_fine_tune_options():
     assert (args.init_from, args.lr_schedule, args.warmup_steps) == ("data/demo", "cosine", 5)
     with pytest.raises(SystemExit):  # not a diffusers schedule, or one that needs extra rules
         parser.parse_args(["train-demo", "--lr-schedule", "piecewise_constant"])
+
+
+def test_category_weights_draw_the_named_categories_more_often(tmp_path):
+    from ldmground.demo import DemoTrainConfig, TrainingSet, make_training_set, pair_weights
+
+    cfg = DemoTrainConfig(render_size=64, image_size=32, two_finding_fraction=1.0)
+    data = make_training_set(12, seed=5, split="train", cfg=cfg, progress=False)
+    assert len(data.pair_category) == len(data.pair_phrase) == 24
+    assert pair_weights(data, "") is None
+    first, second = data.pair_category[0], data.pair_category[1]
+    weights = pair_weights(data, f"{first}=3, {second}=0")
+    assert weights[0] == 3 and weights[1] == 0
+    assert sorted(set(weights[data.pair_category == first].tolist())) == [3.0]
+    others = ~np.isin(data.pair_category, [first, second])
+    assert set(weights[others].tolist()) == {1.0}
+    # the draws follow the weights: a zero-weight category is never drawn
+    idx = torch.multinomial(weights, 2000, replacement=True, generator=torch.Generator().manual_seed(0))
+    drawn = data.pair_category[idx.numpy()]
+    assert second not in drawn
+    share = (drawn == first).mean()
+    expected = float(weights[data.pair_category == first].sum() / weights.sum())
+    assert abs(share - expected) < 0.04
+    # the categories survive the training-set cache
+    data.save(tmp_path / "set.npz")
+    back = TrainingSet.load(tmp_path / "set.npz")
+    assert back.pair_category.tolist() == data.pair_category.tolist()
+    bad_specs = [("Pneumothorax", "CATEGORY=FACTOR"), ("Pneumothorax=x", "not a number"), ("Edema=-1", "negative")]
+    for bad, message in bad_specs:
+        with pytest.raises(LdmGroundError, match=message):
+            pair_weights(data, bad)
+    old = TrainingSet(data.images, data.pair_image, data.pair_phrase, data.pair_mask)
+    with pytest.raises(LdmGroundError, match="delete it"):
+        pair_weights(old, "Edema=2")
