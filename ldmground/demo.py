@@ -71,9 +71,12 @@ LEVEL_CHANNELS = {16: (48, 96, 96), 32: (32, 64, 96)}  # demo UNet channels by l
 class DemoTrainConfig:
     """Settings of ``ldmground train-demo``.
 
-    The defaults are the committed model's, except two: it was trained with
-    ``--text-sink --steps 8000``. ``text_sink`` stays off by default so that runs from before
-    the option, whose saved settings lack it, are read back as they were trained.
+    The committed model was trained with ``--text-sink --steps 8000`` (other settings at
+    their defaults), then fine-tuned from that folder with ``--text-sink --init-from ...
+    --steps 3000 --warmup-steps 100 --ema-decay 0.998 --category-weights
+    "Pneumothorax=3,Lung Opacity=2,Pneumonia=1.5"``. ``text_sink`` stays off by default so
+    that runs from before the option, whose saved settings lack it, are read back as they
+    were trained.
 
     ``init_from`` names an exported model folder to fine-tune: its VAE (kept as it is, with
     its latent scaling factor) and its UNet weights start the run, with a new optimizer;
