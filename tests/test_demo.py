@@ -326,6 +326,7 @@ def test_category_weights_draw_the_named_categories_more_often(tmp_path):
     back = TrainingSet.load(tmp_path / "set.npz")
     assert back.pair_category.tolist() == data.pair_category.tolist()
     bad_specs = [("Pneumothorax", "CATEGORY=FACTOR"), ("Pneumothorax=x", "not a number"), ("Edema=-1", "negative")]
+    bad_specs.append((",".join(f"{c}=0" for c in set(data.pair_category)), "no training pair"))
     for bad, message in bad_specs:
         with pytest.raises(LdmGroundError, match=message):
             pair_weights(data, bad)
