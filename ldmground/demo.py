@@ -217,15 +217,12 @@ class TrainingSet:
             return cls(z["images"], z["pair_image"], [str(p) for p in z["pair_phrase"]], z["pair_mask"], category)
 
 
-def pair_weights(data: TrainingSet, spec: str) -> torch.Tensor | None:
-    """Sampling weight of each training pair from ``spec``, e.g. ``"Pneumothorax=3,Lung Opacity=2"``
-    (categories not named keep weight 1); None for an empty spec (uniform draws)."""
+def parse_category_weights(spec: str) -> dict[str, float]:
+    """``"Pneumothorax=3,Lung Opacity=2"`` -> {category: factor}; checked before any training."""
     from .phantom import CATEGORIES
 
-    if not spec.strip():
-        return None
     factors = {}
-    for item in spec.split(","):
+    for item in filter(str.strip, spec.split(",")):
         name, sep, value = item.partition("=")
         name = name.strip()
         if not sep or name not in CATEGORIES:
@@ -238,6 +235,15 @@ def pair_weights(data: TrainingSet, spec: str) -> torch.Tensor | None:
             raise LdmGroundError(f"category_weights: {item.strip()!r}: {value!r} is not a number") from None
         if factors[name] < 0:
             raise LdmGroundError(f"category_weights: {item.strip()!r}: a weight cannot be negative")
+    return factors
+
+
+def pair_weights(data: TrainingSet, spec: str) -> torch.Tensor | None:
+    """Sampling weight of each training pair from ``spec`` (see :func:`parse_category_weights`;
+    categories not named keep weight 1); None for an empty spec (uniform draws)."""
+    factors = parse_category_weights(spec)
+    if not factors:
+        return None
     if data.pair_category is None:
         raise LdmGroundError(
             "category_weights: the cached train_set.npz has no pair categories (made by an older version); "
@@ -476,6 +482,7 @@ def train_demo(cfg: DemoTrainConfig, export_to: Path | None = None, progress: bo
     import platform
 
     torch.set_num_threads(cfg.threads)
+    parse_category_weights(cfg.category_weights)  # a bad spec fails before hours of rendering and training
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")

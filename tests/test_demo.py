@@ -302,7 +302,7 @@ def test_train_demo_command_line_reads_the_fine_tune_options():
 
 
 def test_category_weights_draw_the_named_categories_more_often(tmp_path):
-    from ldmground.demo import DemoTrainConfig, TrainingSet, make_training_set, pair_weights
+    from ldmground.demo import DemoTrainConfig, TrainingSet, make_training_set, pair_weights, train_demo
 
     cfg = DemoTrainConfig(render_size=64, image_size=32, two_finding_fraction=1.0)
     data = make_training_set(12, seed=5, split="train", cfg=cfg, progress=False)
@@ -333,3 +333,7 @@ def test_category_weights_draw_the_named_categories_more_often(tmp_path):
     old = TrainingSet(data.images, data.pair_image, data.pair_phrase, data.pair_mask)
     with pytest.raises(LdmGroundError, match="delete it"):
         pair_weights(old, "Edema=2")
+    # train-demo refuses a misspelt spec before it renders or trains anything
+    with pytest.raises(LdmGroundError, match="Pneumothorx"):
+        train_demo(replace(cfg, out=str(tmp_path / "run"), category_weights="Pneumothorx=3"), progress=False)
+    assert not (tmp_path / "run").exists()
