@@ -48,13 +48,18 @@ def _rows(db: Path) -> int:
 
 
 def _assert_same_run(out: Path, ref: Path) -> None:
-    """results.csv (less timings) and summary.csv of two folders agree to 1e-9."""
+    """results.csv (less timings) and summary.csv of two folders agree to 1e-6.
+
+    The runs compare rows computed in different processes: the float32 heatmaps can differ
+    there in the last bit (a CNR of 0.63794214 against 0.63794219 was seen once in a full
+    suite run), while a sample computed with other settings or on another image is off by
+    far more than 1e-6."""
     a, b = (pd.read_csv(d / "results.csv").drop(columns="seconds") for d in (out, ref))
     assert len(a) == N_SAMPLES and a["sample_id"].is_unique
     assert list(a["sample_id"]) == list(b["sample_id"])  # data-set order, however it was computed
-    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=0, atol=1e-9)
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=0, atol=1e-6)
     pd.testing.assert_frame_equal(
-        pd.read_csv(out / "summary.csv"), pd.read_csv(ref / "summary.csv"), check_exact=False, rtol=0, atol=1e-9
+        pd.read_csv(out / "summary.csv"), pd.read_csv(ref / "summary.csv"), check_exact=False, rtol=0, atol=1e-6
     )
 
 
