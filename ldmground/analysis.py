@@ -110,6 +110,7 @@ def cache_samples(
     progress: bool = True,
     keep_tokens: bool = True,
     prune: bool = False,
+    references: Sequence[str] | None = None,
 ) -> list[CachedSample]:
     """Invert each image once (all its phrases in one batch) and keep every map.
 
@@ -123,6 +124,9 @@ def cache_samples(
             only their mean, a T-fold saving (a 512-px model at 300 steps holds
             ~130 MB per sample with all tokens, all layers and the full window).
         prune: keep only the config's layers (all when None); the window is the config's.
+        references: phrases to record with each image for ``contrast`` (see
+            :func:`~ldmground.grounding.attention_cache`; default: the config's reference
+            phrases when its contrast is > 0, else none).
     """
     from tqdm.auto import tqdm
 
@@ -135,13 +139,18 @@ def cache_samples(
     out: dict[str, CachedSample] = {}
     for path, group in tqdm(by_image.items(), desc="invert", unit="image", disable=not progress):
         image = load_image(Path(images) / path)
-        cache = attention_cache(pipe, image, [s.phrase for s in group], cfg)
-        for i, s in enumerate(group):
-            cache.maps[i] = {
+        cache = attention_cache(pipe, image, [s.phrase for s in group], cfg, references)
+
+        def reduce(maps: dict) -> dict:
+            return {
                 key: m if keep_tokens else m.mean(dim=0, keepdim=True)
-                for key, m in cache.maps[i].items()
+                for key, m in maps.items()
                 if not prune or cfg.layers is None or key[0] in cfg.layers
             }
+
+        cache.reference_maps = [reduce(m) for m in cache.reference_maps]
+        for i, s in enumerate(group):
+            cache.maps[i] = reduce(cache.maps[i])
             tokens = class_token_indices(cache.tokens[i], s.category) if keep_tokens else None
             out[s.sample_id] = CachedSample(s, image, cache, i, tokens, cfg)
     return [out[s.sample_id] for s in samples]
@@ -157,16 +166,17 @@ def heatmap_from_cache(
     """Re-aggregate a cached sample as :func:`~ldmground.grounding.ground` would.
 
     Args:
-        config: pooling, normalisation, post-processing; its ``layers`` (None = all) and
-            ``window`` pick the maps unless ``layers`` / ``steps`` are given. Its
-            ``num_inference_steps`` must be the one the cache was recorded with.
+        config: pooling, normalisation, contrast, post-processing; its ``layers`` (None =
+            all) and ``window`` pick the maps unless ``layers`` / ``steps`` are given. Its
+            ``num_inference_steps`` must be the one the cache was recorded with; a
+            ``contrast`` > 0 needs a cache that recorded its reference phrases.
         layers, steps: explicit layer indices / step indices (override the config).
         tokens: ``"phrase"`` or ``"class"`` (default: ``config.tokens``).
 
     Returns:
         ((S, S) model-frame heatmap, (H, W) original-frame heatmap with NaN outside the crop).
     """
-    from .grounding import pool_maps
+    from .grounding import pool_maps, reference_background
 
     cfg = as_config(config)
     if cfg.num_inference_steps != cs.config.num_inference_steps:
@@ -182,6 +192,14 @@ def heatmap_from_cache(
         token_index = cs.class_tokens
     size = cs.cache.image_size
     raw = pool_maps(cs.maps, cfg, (size, size), layers=layers, steps=steps, token_index=token_index)
+    if cfg.contrast:
+        if tuple(cs.cache.references) != cfg.reference_phrases:
+            raise ValueError(
+                f"contrast needs the maps of the reference phrases {list(cfg.reference_phrases)}; this cache "
+                f"recorded {list(cs.cache.references)} (cache with references=config.reference_phrases)"
+            )
+        background = reference_background(cs.cache.reference_maps, cfg, (size, size), layers=layers, steps=steps)
+        raw = raw - cfg.contrast * background
     model_hm = postprocess(raw, cfg)
     return model_hm, cs.cache.geometry.to_original(model_hm)
 
@@ -406,6 +424,26 @@ def postprocess_sweep(
     """Gaussian sigma (px at 512) x Otsu on/off; columns ``sigma``, ``otsu``."""
     variants = [({"sigma": s, "otsu": o}, {"sigma": float(s), "otsu": o}) for s in sigmas for o in (False, True)]
     return sweep(cached, variants, config, progress, "post-processing")
+
+
+def contrast_sweep(
+    cached: Sequence[CachedSample],
+    config: GroundingConfig | str,
+    weights: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Background weight (``contrast``) x Otsu on/off; columns ``contrast``, ``otsu``.
+
+    The cache must hold the maps of the config's reference phrases
+    (``cache_samples(..., references=config.reference_phrases)``).
+    """
+    refs = as_config(config).reference_phrases
+    variants = [
+        ({"contrast": w, "otsu": o}, {"contrast": float(w), "reference_phrases": refs, "otsu": o})
+        for w in weights
+        for o in (False, True)
+    ]
+    return sweep(cached, variants, config, progress, "contrast")
 
 
 def threshold_sweep(

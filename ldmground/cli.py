@@ -36,6 +36,17 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--otsu", action=argparse.BooleanOptionalAction, default=None, help="binary Otsu masking")
     g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="autocast dtype of the UNet")
     g.add_argument("--seed", type=int, help="random seed")
+    g.add_argument(
+        "--contrast",
+        type=float,
+        help="subtract this multiple of the reference phrases' mean map (0: off, the paper; not in the paper)",
+    )
+    g.add_argument(
+        "--reference-phrase",
+        action="append",
+        dest="reference_phrases",
+        help="a reference phrase for --contrast (repeat it; default: the eight MS-CXR finding names)",
+    )
 
 
 def _config(args: argparse.Namespace) -> GroundingConfig:
@@ -48,6 +59,8 @@ def _config(args: argparse.Namespace) -> GroundingConfig:
         "otsu": args.otsu,
         "dtype": args.dtype,
         "seed": args.seed,
+        "contrast": args.contrast,
+        "reference_phrases": tuple(args.reference_phrases) if args.reference_phrases else None,
     }
     changes = {k: v for k, v in changes.items() if v is not None}
     if hasattr(args, "layers"):

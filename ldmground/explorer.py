@@ -116,6 +116,9 @@ class Explorer:
                 value=self.config.sigma, min=0.0, max=64.0, step=0.5, description="sigma", continuous_update=False
             ),
             "otsu": w.Checkbox(value=self.config.otsu, description="Otsu"),
+            "contrast": w.FloatSlider(
+                value=self.config.contrast, min=0.0, max=1.5, step=0.05, description="contrast", continuous_update=False
+            ),
         }
         self.image_widget = w.Image(format="png")
         self.metrics_widget = w.HTML()
@@ -156,7 +159,8 @@ class Explorer:
         cfg = full_window(self.config)
         key = (sample.path, phrase)
         if key not in self._caches:
-            self._caches[key] = attention_cache(self.pipe, self.image(sample), [phrase], cfg)
+            # the reference phrases ride along so that the contrast slider needs no new inversion
+            self._caches[key] = attention_cache(self.pipe, self.image(sample), [phrase], cfg, cfg.reference_phrases)
             self.unet_runs += 1
         cache = self._caches[key]
         return CachedSample(
@@ -172,6 +176,7 @@ class Explorer:
             normalize_maps=bool(v["normalize"]),
             sigma=float(v["sigma"]),
             otsu=bool(v["otsu"]),
+            contrast=float(v["contrast"]),
         )
 
     # --- updates ------------------------------------------------------------------------------

@@ -3,6 +3,12 @@
 The whole method in order: preprocess the X-ray, encode it to a latent, DDIM-invert it with
 the empty prompt while the phrases' cross-attention is recorded inside the timestep window,
 aggregate the maps, post-process, and map the heatmap back to the original image.
+
+With ``config.contrast > 0`` (this project's extension, off in the paper's presets), the
+reference phrases are recorded on the same inversion and their mean aggregated map, weighted
+by ``contrast``, is subtracted from each phrase's map before post-processing: what every
+finding name attends to (the lung fields, say) drops out, what only this phrase attends to
+stays.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ class GroundingResult:
         unet_evals: UNet evaluations spent on the image (shared by its phrases).
         seconds: wall time of the image (shared by its phrases).
         warnings: notes to keep with the result (e.g. truncation).
+        background: (S, S) mean aggregated map of the reference phrases, before weighting,
+            when ``config.contrast > 0`` (``raw_map`` already has it subtracted); else None.
     """
 
     phrase: str
@@ -47,6 +55,7 @@ class GroundingResult:
     unet_evals: int
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    background: np.ndarray | None = None
 
 
 @dataclass
@@ -54,12 +63,16 @@ class AttentionCache:
     """Every recorded (layer, step) map of one image, for re-aggregation without the UNet.
 
     ``maps[p][(layer, step)]`` is a (T, h, w) tensor: one map per selected token of phrase p.
+    ``reference_maps`` holds the same for each of ``references`` (the phrases whose mean
+    map ``contrast`` subtracts), recorded on the same inversion; empty when none were.
     """
 
     maps: list[dict[tuple[int, int], torch.Tensor]]
     tokens: list[TokenSelection]
     geometry: Geometry
     image_size: int
+    reference_maps: list[dict[tuple[int, int], torch.Tensor]] = field(default_factory=list)
+    references: tuple[str, ...] = ()
 
 
 def _as_config(config: GroundingConfig | str | None) -> GroundingConfig:
@@ -142,21 +155,35 @@ def ground(
         config: a :class:`GroundingConfig` or a preset name (default ``"paper"``).
         words: per phrase, words to restrict the tokens to when ``config.tokens == "class"``
             (e.g. the finding's class name).
+
+    With ``config.contrast > 0`` the reference phrases join the batch of the same inversion
+    (their maps are not returned; ``GroundingResult.background`` holds their mean).
     """
     cfg = _as_config(config)
     if isinstance(phrases, str):
         phrases = [phrases]
+    phrases = list(phrases)
+    references = list(cfg.reference_phrases) if cfg.contrast else []
+    if words is not None and references:
+        words = [*words, *([None] * len(references))]
     keep = cfg.pooling != "mean"
     store, selections, geo, evals, seconds = run_attention(
-        pipe, image, phrases, cfg, words, keep_maps=keep, progress=progress
+        pipe, image, [*phrases, *references], cfg, words, keep_maps=keep, progress=progress
     )
     size = pipe.image_size
-    results = []
-    for i, (phrase, sel) in enumerate(zip(phrases, selections, strict=True)):
+
+    def aggregate(row: int) -> np.ndarray:
         if keep:
-            raw = pool_maps(store.maps[i], cfg, (size, size))
-        else:
-            raw = store.mean_map(i, (size, size)).numpy()
+            return pool_maps(store.maps[row], cfg, (size, size))
+        return store.mean_map(row, (size, size)).numpy()
+
+    n = len(phrases)
+    background = np.mean([aggregate(n + j) for j in range(len(references))], axis=0) if references else None
+    results = []
+    for i, (phrase, sel) in enumerate(zip(phrases, selections[:n], strict=True)):
+        raw = aggregate(i)
+        if background is not None:
+            raw = raw - cfg.contrast * background
         model_hm = postprocess(raw, cfg)
         results.append(
             GroundingResult(
@@ -169,6 +196,7 @@ def ground(
                 unet_evals=evals,
                 seconds=seconds,
                 warnings=list(sel.warnings),
+                background=None if background is None else background.astype(np.float32),
             )
         )
     return results
@@ -213,10 +241,35 @@ def pool_maps(
     return out.numpy().astype(np.float32)
 
 
+def reference_background(
+    reference_maps: Sequence[dict[tuple[int, int], torch.Tensor]],
+    cfg: GroundingConfig,
+    size: tuple[int, int],
+    layers: Sequence[int] | None = None,
+    steps: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Mean over the reference phrases of their aggregated maps (see :func:`pool_maps`)."""
+    if not reference_maps:
+        raise ValueError("no reference maps were recorded; contrast needs them")
+    return np.mean([pool_maps(m, cfg, size, layers=layers, steps=steps) for m in reference_maps], axis=0)
+
+
 def attention_cache(
-    pipe: GroundingPipeline, image: np.ndarray, phrases: Sequence[str], config: GroundingConfig | str | None = None
+    pipe: GroundingPipeline,
+    image: np.ndarray,
+    phrases: Sequence[str],
+    config: GroundingConfig | str | None = None,
+    references: Sequence[str] | None = None,
 ) -> AttentionCache:
-    """Record every layer at every step of the window once, for interactive exploration."""
+    """Record every layer at every step of the window once, for interactive exploration.
+
+    ``references``: phrases recorded alongside (in the same batch) for ``contrast``;
+    default: the config's ``reference_phrases`` when its ``contrast`` is > 0, else none.
+    """
     cfg = _as_config(config).replace(layers=None, tokens="phrase")
-    store, selections, geo, _, _ = run_attention(pipe, image, phrases, cfg, keep_maps=True)
-    return AttentionCache(store.maps, selections, geo, pipe.image_size)
+    if references is None:
+        references = cfg.reference_phrases if cfg.contrast else ()
+    references = tuple(references)
+    store, selections, geo, _, _ = run_attention(pipe, image, [*phrases, *references], cfg, keep_maps=True)
+    n = len(phrases)
+    return AttentionCache(store.maps[:n], selections[:n], geo, pipe.image_size, store.maps[n:], references)

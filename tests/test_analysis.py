@@ -47,7 +47,15 @@ def test_cache_holds_every_layer_and_step(tiny_pipe, cached):
     assert cached[0].steps == list(range(CFG.num_inference_steps))
 
 
-@pytest.mark.parametrize("cfg", [CFG, CFG.replace(pooling="max", otsu=False, sigma=0.0), CFG.replace(tokens="class")])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        CFG,
+        CFG.replace(pooling="max", otsu=False, sigma=0.0),
+        CFG.replace(tokens="class"),
+        CFG.replace(contrast=0.6, reference_phrases=("Edema", "Pneumothorax")),
+    ],
+)
 def test_cache_reproduces_ground(tiny_pipe, samples, cfg):
     s = samples[0]
     [cs] = analysis.cache_samples(tiny_pipe, [s], PHANTOM, cfg, progress=False)
@@ -94,6 +102,24 @@ def test_reduced_and_pruned_caches_give_the_same_heatmaps(tiny_pipe, samples, ca
     )
 
 
+def test_contrast_needs_a_cache_with_the_reference_phrases(tiny_pipe, samples, cached):
+    cfg = CFG.replace(contrast=0.5, reference_phrases=("Edema",))
+    with pytest.raises(ValueError, match="reference phrases"):
+        analysis.heatmap_from_cache(cached[0], cfg)  # recorded without references
+    [cs] = analysis.cache_samples(tiny_pipe, samples[:1], PHANTOM, CFG, progress=False, references=("Edema",))
+    assert len(cs.cache.reference_maps) == 1
+    with pytest.raises(ValueError, match="reference phrases"):
+        analysis.heatmap_from_cache(cs, cfg.replace(reference_phrases=("Pneumonia",)))
+    # contrast 0 ignores the references; a sweep varies the weight from one cache
+    np.testing.assert_allclose(
+        analysis.heatmap_from_cache(cs, CFG)[0], analysis.heatmap_from_cache(cached[0], CFG)[0], atol=1e-4
+    )
+    table = analysis.sweep(
+        [cs], [({"w": w}, {"contrast": w, "reference_phrases": ("Edema",)}) for w in (0.0, 0.5)], CFG, progress=False
+    )
+    assert table["cnr"].nunique() == 2
+
+
 def test_single_layer_differs_from_pooled(cached):
     cs = cached[0]
     _, one = analysis.heatmap_from_cache(cs, CFG, layers=[3])
@@ -120,6 +146,19 @@ def test_aggregation_and_postprocess_sweeps(cached):
     s = analysis.summarize_sweep(pp, ["sigma", "otsu"], ["cnr", "miou"])
     assert {"n", "cnr_mean", "cnr_std", "cnr_sem"} <= set(s.columns)
     assert (s["n"] == len(cached)).all()
+
+
+def test_contrast_sweep_rows_equal_single_heatmaps(tiny_pipe, samples):
+    cfg = CFG.replace(reference_phrases=("Edema", "Pneumonia"))
+    cached = analysis.cache_samples(
+        tiny_pipe, samples[:2], PHANTOM, cfg, progress=False, references=cfg.reference_phrases
+    )
+    table = analysis.contrast_sweep(cached, cfg, (0.0, 0.5), progress=False)
+    assert len(table) == 2 * 2 * 2 and set(table["contrast"]) == {0.0, 0.5}
+    cs = cached[1]
+    _, hm = analysis.heatmap_from_cache(cs, cfg.replace(contrast=0.5))
+    row = table[(table["sample_id"] == cs.sample.sample_id) & table["otsu"] & (table["contrast"] == 0.5)].iloc[0]
+    assert row["cnr"] == pytest.approx(analysis.score(cs, hm)["cnr"])
 
 
 def test_threshold_sweep_iou_is_the_miou_of_one_threshold(cached):
@@ -214,6 +253,9 @@ def test_explorer_reaggregates_without_the_unet(tiny_pipe, samples):
         ex.widgets["pooling"].value = "max"
         ex.widgets["tokens"].value = "class"
         assert ex.last_metrics != m0
+        before = ex.last_heatmap.copy()
+        ex.widgets["contrast"].value = 0.5  # the reference phrases were recorded with the phrase
+        assert not np.allclose(np.nan_to_num(ex.last_heatmap), np.nan_to_num(before))
         assert len(calls) == first_calls, "a slider must not run the UNet"
         assert ex.last_seconds < 1.0
         ex.widgets["phrase"].value = "Heart is enlarged"  # a new phrase: one more inversion

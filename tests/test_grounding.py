@@ -53,3 +53,26 @@ def test_bf16_close_to_fp32(tiny_pipe, xray):
     a = ground(tiny_pipe, xray, "pneumothorax", QUICK)[0]
     b = ground(tiny_pipe, xray, "pneumothorax", QUICK.replace(dtype="bf16"))[0]
     assert np.corrcoef(a.raw_map.ravel(), b.raw_map.ravel())[0, 1] > 0.95
+
+
+def test_contrast_subtracts_the_reference_phrases_mean_map(tiny_pipe, xray):
+    refs = ("cardiomegaly", "pleural effusion")
+    plain = ground(tiny_pipe, xray, ["pneumothorax", *refs], QUICK)
+    cfg = QUICK.replace(contrast=0.7, reference_phrases=refs)
+    [res] = ground(tiny_pipe, xray, "pneumothorax", cfg)
+    background = (plain[1].raw_map + plain[2].raw_map) / 2
+    assert np.abs(res.background - background).max() < 1e-5
+    assert np.abs(res.raw_map - (plain[0].raw_map - 0.7 * background)).max() < 1e-5
+    assert plain[0].background is None
+    # one inversion serves the phrase and its references: 4 + 2 steps x (1 + 1 + 2 references)
+    assert res.unet_evals == 4 + 2 * 4
+    # the background is not flat, so the map (and the post-processed heatmap) change
+    assert np.abs(res.model_heatmap - plain[0].model_heatmap).max() > 0.05
+
+
+def test_contrast_with_max_pooling_uses_the_kept_maps(tiny_pipe, xray):
+    refs = ("edema",)
+    cfg = QUICK.replace(pooling="max", contrast=1.0, reference_phrases=refs)
+    [res] = ground(tiny_pipe, xray, "pneumothorax", cfg)
+    plain = ground(tiny_pipe, xray, ["pneumothorax", "edema"], cfg.replace(contrast=0.0))
+    assert np.abs(res.raw_map - (plain[0].raw_map - plain[1].raw_map)).max() < 1e-5
