@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--preset", default="demo")
     ap.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"), help="override the preset's window")
     ap.add_argument("--groups", nargs="+", help="layer groups NAME=i,j,k or 'all' (default: the preset's layers)")
+    ap.add_argument("--contrast", type=float, help="override the preset's background contrast weight (0: off)")
     ap.add_argument("--limit", type=int, default=48, help="first N validation samples")
     ap.add_argument("--steps", type=int, nargs="*", help="only these snapshots (default: all)")
     ap.add_argument("--threads", type=int, default=2)
@@ -91,6 +92,8 @@ def main() -> None:
     cfg = get_preset(args.preset)
     if args.window:
         cfg = cfg.replace(window=tuple(args.window))
+    if args.contrast is not None:
+        cfg = cfg.replace(contrast=args.contrast)
     groups = parse_groups(args.groups, cfg.layers)
     snapshots = {int(p.stem.rsplit("-", 1)[1]): p for p in run.glob("unet-ema-*.safetensors")}
     if args.steps:

@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -660,35 +661,64 @@ def _run_vae(run_dir: str | Path, cfg: DemoTrainConfig):
     return vae.eval()
 
 
-def select_demo_preset(pipe, val_csv: str | Path, images: str | Path | None = None, n_steps: int = 25):
+def select_demo_preset(
+    pipe,
+    val_csv: str | Path,
+    images: str | Path | None = None,
+    n_steps: int = 25,
+    contrasts: Sequence[float] = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9),
+    top: int = 6,
+):
     """Score grounding settings on a validation split (never the test split).
 
-    One inversion per image records every layer at every step; each candidate (timestep
-    window, layer group, blur, Otsu, normalisation) is then a re-aggregation. Returns the
-    per-candidate macro means (over categories) sorted best first by pointing + CNR.
+    One inversion per image records every layer at every step, and the maps of the eight
+    finding names (the ``contrast`` references); each candidate is then a re-aggregation.
+    First every timestep window x layer group x blur x Otsu without contrast; then the
+    ``top`` best of those with Otsu and the ``top`` best without, each with every weight in
+    ``contrasts``. Returns the per-candidate
+    macro means (over categories) sorted best first by pointing + CNR, with columns
+    ``window``, ``layers``, ``sigma``, ``otsu``, ``contrast`` and the metrics.
     """
     import itertools
 
+    import pandas as pd
+
     from .analysis import cache_samples, sweep
-    from .config import GroundingConfig
+    from .config import FINDING_NAMES, GroundingConfig
     from .datasets.mscxr import load_mscxr
 
     samples, _ = load_mscxr(val_csv, images)
     base = GroundingConfig(num_inference_steps=n_steps, window=(0.0, 1.0), layers=None, otsu=False)
-    cached = cache_samples(pipe, samples, images or Path(val_csv).parent, base, keep_tokens=False)
+    folder = images or Path(val_csv).parent
+    cached = cache_samples(pipe, samples, folder, base, keep_tokens=False, references=FINDING_NAMES)
     first = cached[0].maps
     sizes = {layer: tuple(m.shape[-2:]) for (layer, _), m in first.items()}
     groups: dict[str, list[int] | None] = {"all": None}
     for shape in sorted(set(sizes.values()), reverse=True):
         groups[f"{shape[0]}x{shape[1]}"] = sorted(i for i, s in sizes.items() if s == shape)
     windows = [(0.0, 1.0), (0.2, 0.8), (0.4, 0.6), (0.1, 0.5), (0.5, 0.9)]
-    variants = []
+    options = {}
     for win, (gname, layers), sigma, otsu in itertools.product(windows, groups.items(), [0.0, 4.0, 8.0], [False, True]):
         steps = list(base.replace(window=win).window_indices())
-        labels = {"window": f"{win[0]:.1f}-{win[1]:.1f}", "layers": gname, "sigma": sigma, "otsu": otsu}
-        variants.append((labels, {"layers": layers, "steps": steps, "sigma": sigma, "otsu": otsu}))
-    table = sweep(cached, variants, base, desc="candidates")
-    return rank_settings(table, ["window", "layers", "sigma", "otsu"], ["pointing", "cnr", "cnr_signed", "miou"])
+        labels = (f"{win[0]:.1f}-{win[1]:.1f}", gname, sigma, otsu)
+        options[labels] = {"layers": layers, "steps": steps, "sigma": sigma, "otsu": otsu}
+    keys, metrics = ["window", "layers", "sigma", "otsu", "contrast"], ["pointing", "cnr", "cnr_signed", "miou"]
+
+    def candidates(labels_list, weight):
+        for labels in labels_list:
+            opts = dict(options[labels])
+            if weight:
+                opts.update(contrast=weight, reference_phrases=FINDING_NAMES)
+            yield dict(zip(keys, (*labels, weight), strict=True)), opts
+
+    plain = rank_settings(sweep(cached, candidates(options, 0.0), base, desc="candidates"), keys, metrics)
+    best = [
+        tuple(row) for _, group in plain.groupby("otsu") for row in group[keys[:-1]].head(top).itertuples(index=False)
+    ]
+    variants = [v for w in contrasts for v in candidates(best, w)]
+    contrasted = rank_settings(sweep(cached, variants, base, desc="contrast"), keys, metrics)
+    table = pd.concat([plain, contrasted], ignore_index=True)
+    return table.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
 
 
 def rank_settings(table, keys: list[str], metrics: list[str]):

@@ -284,6 +284,13 @@ def sigma_figure(table: pd.DataFrame):
     )
 
 
+def contrast_figure(table: pd.DataFrame):
+    """03: the weight of the subtracted reference background, with and without Otsu."""
+    return ablation_curve(
+        table, "contrast", ("cnr", "miou", "auc_roc"), hue="otsu", title="Background contrast", xlabel="contrast weight"
+    )
+
+
 def thresholds_figure(table: pd.DataFrame):
     """03: IoU of the thresholded heatmap against the threshold, with and without Otsu."""
     return ablation_curve(table, "threshold", ("iou",), hue="otsu", title="Thresholds")
@@ -297,6 +304,7 @@ TABLE_FIGURES = {
     "aggregation_inversion_steps": ("02_aggregation/inversion_steps.csv", inversion_steps_figure),
     "postprocessing_sigma": ("03_postprocessing/postprocessing.csv", sigma_figure),
     "postprocessing_thresholds": ("03_postprocessing/thresholds.csv", thresholds_figure),
+    "postprocessing_contrast": ("03_postprocessing/contrast.csv", contrast_figure),
 }
 """Figure name -> (table under the results folder, plot function)."""
 

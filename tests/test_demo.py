@@ -337,3 +337,34 @@ def test_category_weights_draw_the_named_categories_more_often(tmp_path):
     with pytest.raises(LdmGroundError, match="Pneumothorx"):
         train_demo(replace(cfg, out=str(tmp_path / "run"), category_weights="Pneumothorx=3"), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_select_demo_preset_adds_contrast_to_the_best_settings(tiny_pipe, tmp_path):
+    import pandas as pd
+
+    from ldmground.demo import select_demo_preset
+
+    phantom = DEMO_DIR.parent / "phantom"
+    csv = tmp_path / "val.csv"
+    pd.read_csv(phantom / "test.csv").head(3).to_csv(csv, index=False)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        table = select_demo_preset(tiny_pipe, csv, phantom, n_steps=5, contrasts=(0.5, 1.0), top=2)
+    finally:
+        torch.set_num_threads(old)
+    groups = table["layers"].nunique()  # "all" and one per map size of the tiny UNet
+    plain = table[table["contrast"] == 0]
+    assert groups == 3 and len(plain) == 5 * groups * 3 * 2
+    assert len(table) == len(plain) + 2 * 2 * 2  # the top 2 with Otsu and without, 2 weights
+    assert list(table["score"]) == sorted(table["score"], reverse=True)
+    assert np.allclose(table["score"], table["pointing"] + table["cnr"])
+    keys = ["window", "layers", "sigma", "otsu"]
+    top2 = {
+        tuple(r) for otsu in (True, False) for r in plain[plain["otsu"] == otsu][keys].head(2).itertuples(index=False)
+    }
+    for w in (0.5, 1.0):
+        assert {tuple(r) for r in table[table["contrast"] == w][keys].itertuples(index=False)} == top2
+    # the background moves the scores: contrast rows are not copies of their plain rows
+    merged = table[table["contrast"] == 1.0].merge(plain, on=keys, suffixes=("", "_plain"))
+    assert (merged["cnr"] != merged["cnr_plain"]).any()

@@ -28,8 +28,8 @@ EXPECTED = {
     ),
     "02_aggregation": (["aggregation.csv", "inversion_steps.csv"], ["aggregation", "aggregation_inversion_steps"]),
     "03_postprocessing": (
-        ["postprocessing.csv", "thresholds.csv"],
-        ["postprocessing_sigma", "postprocessing_thresholds"],
+        ["postprocessing.csv", "thresholds.csv", "contrast.csv"],
+        ["postprocessing_sigma", "postprocessing_thresholds", "postprocessing_contrast"],
     ),
     "04_mscxr_evaluation": (
         [
@@ -48,7 +48,7 @@ EXPECTED = {
 PARAMS = {
     "01_feature_selection": {"steps": 10, "n_samples": 4},
     "02_aggregation": {"steps": 10, "n_samples": 3, "step_counts": [5, 10]},
-    "03_postprocessing": {"steps": 10, "n_samples": 3, "sigmas": [0.0, 4.0]},
+    "03_postprocessing": {"steps": 10, "n_samples": 3, "sigmas": [0.0, 4.0], "contrasts": [0.0, 0.5]},
     "04_mscxr_evaluation": {"steps": 5, "limit": 4, "n_examples": 2},
 }
 
