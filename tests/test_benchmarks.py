@@ -176,3 +176,20 @@ def test_map_ceiling_rises_with_the_map_resolution():
     assert lines[8][0] == 1.0  # on the phantom boxes an 8x8 map can always point inside
     assert lines[4][1] < lines[8][1] < lines[64][1]  # CNR rises with resolution
     assert lines[4][2] < lines[8][2]  # and so does mIoU, from the coarsest map on
+
+
+def test_demo_postprocess_scores_the_grid_and_matches_the_preset_path(tmp_path):
+    val = _val_split(tmp_path, n=2)
+    args = ["--model", "tiny", "--val", str(val), "--powers", "1", "2", "--sigmas", "8", "--threads", "1"]
+    out = _run("demo_postprocess.py", *args, "--inversion-steps", "25")
+    post = r"^POST src=(\w+) p=(\S+) sigma=(\S+) otsu=(\d) pointing=(\S+) cnr=(\S+) miou=(\S+) auc=(\S+)$"
+    rows = {
+        (src, p, sigma, otsu): tuple(map(float, rest)) for src, p, sigma, otsu, *rest in re.findall(post, out, re.M)
+    }
+    assert len(rows) == 2 * 2 * 1 * 2, out  # sources x powers x sigmas x Otsu
+    steps = re.search(r"^STEPS n=25 pointing=(\S+) cnr=(\S+) miou=(\S+) auc=(\S+)$", out, re.M)
+    # the demo preset (N=25, sigma 8, Otsu) scored through ground's own re-aggregation path
+    assert steps and math.dist(tuple(map(float, steps.groups())), rows[("model", "1", "8", "1")]) < 2e-3
+    # sharpening reshapes the map: the exponent changes the scores of both sources
+    assert rows[("model", "1", "8", "0")] != rows[("model", "2", "8", "0")]
+    assert rows[("centre", "1", "8", "0")][1] != rows[("centre", "2", "8", "0")][1]
