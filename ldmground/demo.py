@@ -661,6 +661,11 @@ def _run_vae(run_dir: str | Path, cfg: DemoTrainConfig):
     return vae.eval()
 
 
+# Gaussian sigmas (px at 512) that select_demo_preset tries; 32 px at 512 is 4 px of a
+# 64-px model input, half a cell of its 8 x 8 maps.
+SIGMAS = (0.0, 4.0, 8.0, 16.0, 32.0)
+
+
 def select_demo_preset(
     pipe,
     val_csv: str | Path,
@@ -698,7 +703,7 @@ def select_demo_preset(
         groups[f"{shape[0]}x{shape[1]}"] = sorted(i for i, s in sizes.items() if s == shape)
     windows = [(0.0, 1.0), (0.2, 0.8), (0.4, 0.6), (0.1, 0.5), (0.5, 0.9)]
     options = {}
-    for win, (gname, layers), sigma, otsu in itertools.product(windows, groups.items(), [0.0, 4.0, 8.0], [False, True]):
+    for win, (gname, layers), sigma, otsu in itertools.product(windows, groups.items(), SIGMAS, [False, True]):
         steps = list(base.replace(window=win).window_indices())
         labels = (f"{win[0]:.1f}-{win[1]:.1f}", gname, sigma, otsu)
         options[labels] = {"layers": layers, "steps": steps, "sigma": sigma, "otsu": otsu}

@@ -355,7 +355,7 @@ def test_select_demo_preset_adds_contrast_to_the_best_settings(tiny_pipe, tmp_pa
         torch.set_num_threads(old)
     groups = table["layers"].nunique()  # "all" and one per map size of the tiny UNet
     plain = table[table["contrast"] == 0]
-    assert groups == 3 and len(plain) == 5 * groups * 3 * 2
+    assert groups == 3 and len(plain) == 5 * groups * 5 * 2  # windows x groups x sigmas x Otsu
     assert len(table) == len(plain) + 2 * 2 * 2  # the top 2 with Otsu and without, 2 weights
     assert list(table["score"]) == sorted(table["score"], reverse=True)
     assert np.allclose(table["score"], table["pointing"] + table["cnr"])
