@@ -179,8 +179,11 @@ def test_map_ceiling_rises_with_the_map_resolution():
 
 
 def test_demo_postprocess_scores_the_grid_and_matches_the_preset_path(tmp_path):
+    from ldmground.config import get_preset
+
+    sigma = f"{get_preset('demo').sigma:g}"  # the preset's own blur, so that one POST line is the preset
     val = _val_split(tmp_path, n=2)
-    args = ["--model", "tiny", "--val", str(val), "--powers", "1", "2", "--sigmas", "8", "--threads", "1"]
+    args = ["--model", "tiny", "--val", str(val), "--powers", "1", "2", "--sigmas", sigma, "--threads", "1"]
     out = _run("demo_postprocess.py", *args, "--inversion-steps", "25")
     post = r"^POST src=(\w+) p=(\S+) sigma=(\S+) otsu=(\d) pointing=(\S+) cnr=(\S+) miou=(\S+) auc=(\S+)$"
     rows = {
@@ -188,8 +191,8 @@ def test_demo_postprocess_scores_the_grid_and_matches_the_preset_path(tmp_path):
     }
     assert len(rows) == 2 * 2 * 1 * 2, out  # sources x powers x sigmas x Otsu
     steps = re.search(r"^STEPS n=25 pointing=(\S+) cnr=(\S+) miou=(\S+) auc=(\S+)$", out, re.M)
-    # the demo preset (N=25, sigma 8, Otsu) scored through ground's own re-aggregation path
-    assert steps and math.dist(tuple(map(float, steps.groups())), rows[("model", "1", "8", "1")]) < 2e-3
+    # the demo preset (N=25, its blur, Otsu) scored through ground's own re-aggregation path
+    assert steps and math.dist(tuple(map(float, steps.groups())), rows[("model", "1", sigma, "1")]) < 2e-3
     # sharpening reshapes the map: the exponent changes the scores of both sources
-    assert rows[("model", "1", "8", "0")] != rows[("model", "2", "8", "0")]
-    assert rows[("centre", "1", "8", "0")][1] != rows[("centre", "2", "8", "0")][1]
+    assert rows[("model", "1", sigma, "0")] != rows[("model", "2", sigma, "0")]
+    assert rows[("centre", "1", sigma, "0")][1] != rows[("centre", "2", sigma, "0")][1]
