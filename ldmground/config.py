@@ -16,8 +16,8 @@ Spacing = Literal["leading", "trailing", "linspace"]
 TokenChoice = Literal["phrase", "class"]
 Pooling = Literal["mean", "max", "median"]
 
-# The eight finding classes of MS-CXR (and of the phantom set): the default reference
-# phrases of ``GroundingConfig.contrast``.
+# MS-CXR's eight finding categories, spelled as in its CSV (the phantom set's too,
+# ``ldmground.phantom.CATEGORIES``): the default reference phrases of ``contrast``.
 FINDING_NAMES = (
     "Atelectasis",
     "Cardiomegaly",

@@ -63,6 +63,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
+from .config import FINDING_NAMES
 from .datasets.mscxr import MSCXR_COLUMNS as MSCXR_V100_COLUMNS
 
 __all__ = [
@@ -76,16 +77,7 @@ __all__ = [
 ]
 
 #: MS-CXR's eight finding categories, spelled as in its CSV.
-CATEGORIES: tuple[str, ...] = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Consolidation",
-    "Edema",
-    "Lung Opacity",
-    "Pleural Effusion",
-    "Pneumonia",
-    "Pneumothorax",
-)
+CATEGORIES: tuple[str, ...] = FINDING_NAMES
 
 #: Columns of MS_CXR_Local_Alignment_v1.1.0.csv, in order (one row per box).
 MSCXR_COLUMNS: list[str] = [*MSCXR_V100_COLUMNS, "split"]
