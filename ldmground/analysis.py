@@ -136,18 +136,18 @@ def cache_samples(
     by_image: dict[str, list[Sample]] = {}
     for s in samples:
         by_image.setdefault(s.path, []).append(s)
+
+    def reduce(maps: dict) -> dict:
+        return {
+            key: m if keep_tokens else m.mean(dim=0, keepdim=True)
+            for key, m in maps.items()
+            if not prune or cfg.layers is None or key[0] in cfg.layers
+        }
+
     out: dict[str, CachedSample] = {}
     for path, group in tqdm(by_image.items(), desc="invert", unit="image", disable=not progress):
         image = load_image(Path(images) / path)
         cache = attention_cache(pipe, image, [s.phrase for s in group], cfg, references)
-
-        def reduce(maps: dict) -> dict:
-            return {
-                key: m if keep_tokens else m.mean(dim=0, keepdim=True)
-                for key, m in maps.items()
-                if not prune or cfg.layers is None or key[0] in cfg.layers
-            }
-
         cache.reference_maps = [reduce(m) for m in cache.reference_maps]
         for i, s in enumerate(group):
             cache.maps[i] = reduce(cache.maps[i])
@@ -437,12 +437,7 @@ def contrast_sweep(
     The cache must hold the maps of the config's reference phrases
     (``cache_samples(..., references=config.reference_phrases)``).
     """
-    refs = as_config(config).reference_phrases
-    variants = [
-        ({"contrast": w, "otsu": o}, {"contrast": float(w), "reference_phrases": refs, "otsu": o})
-        for w in weights
-        for o in (False, True)
-    ]
+    variants = [({"contrast": w, "otsu": o}, {"contrast": float(w), "otsu": o}) for w in weights for o in (False, True)]
     return sweep(cached, variants, config, progress, "contrast")
 
 

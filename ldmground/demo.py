@@ -689,13 +689,13 @@ def select_demo_preset(
     import pandas as pd
 
     from .analysis import cache_samples, sweep
-    from .config import FINDING_NAMES, GroundingConfig
+    from .config import GroundingConfig
     from .datasets.mscxr import load_mscxr
 
     samples, _ = load_mscxr(val_csv, images)
     base = GroundingConfig(num_inference_steps=n_steps, window=(0.0, 1.0), layers=None, otsu=False)
     folder = images or Path(val_csv).parent
-    cached = cache_samples(pipe, samples, folder, base, keep_tokens=False, references=FINDING_NAMES)
+    cached = cache_samples(pipe, samples, folder, base, keep_tokens=False, references=base.reference_phrases)
     first = cached[0].maps
     sizes = {layer: tuple(m.shape[-2:]) for (layer, _), m in first.items()}
     groups: dict[str, list[int] | None] = {"all": None}
@@ -711,15 +711,10 @@ def select_demo_preset(
 
     def candidates(labels_list, weight):
         for labels in labels_list:
-            opts = dict(options[labels])
-            if weight:
-                opts.update(contrast=weight, reference_phrases=FINDING_NAMES)
-            yield dict(zip(keys, (*labels, weight), strict=True)), opts
+            yield dict(zip(keys, (*labels, weight), strict=True)), {**options[labels], "contrast": weight}
 
     plain = rank_settings(sweep(cached, candidates(options, 0.0), base, desc="candidates"), keys, metrics)
-    best = [
-        tuple(row) for _, group in plain.groupby("otsu") for row in group[keys[:-1]].head(top).itertuples(index=False)
-    ]
+    best = list(plain.groupby("otsu").head(top)[keys[:-1]].itertuples(index=False, name=None))
     variants = [v for w in contrasts for v in candidates(best, w)]
     contrasted = rank_settings(sweep(cached, variants, base, desc="contrast"), keys, metrics)
     table = pd.concat([plain, contrasted], ignore_index=True)
