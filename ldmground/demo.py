@@ -86,7 +86,9 @@ class DemoTrainConfig:
     ``lr_schedule`` is diffusers' scheduler name (``constant``, ``linear``, ``cosine``, ...)
     over ``steps`` with ``warmup_steps`` of linear warm-up: ``linear`` is a cool-down to 0.
     ``category_weights`` draws the training pairs of some categories more (or less) often,
-    e.g. ``"Pneumothorax=3"``; empty: every pair equally often."""
+    e.g. ``"Pneumothorax=3"``; empty: every pair equally often. ``device`` is where the VAE and
+    UNet train (``cpu``, ``cuda``, ``cuda:1``, ...); the batches are drawn on the CPU from the
+    seed either way, so a run draws the same pairs, noise and timesteps on any device."""
 
     out: str = "runs/demo"
     n_train: int = 5000
@@ -119,6 +121,7 @@ class DemoTrainConfig:
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     category_weights: str = ""
+    device: str = "cpu"
 
     @property
     def latent_size(self) -> int:
@@ -287,6 +290,10 @@ def make_training_set(n: int, seed: int, split: str, cfg: DemoTrainConfig, progr
 # --- training -----------------------------------------------------------------------------
 
 
+def _cpu_weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
 def _save_state(path: Path, model, opt, ema, step: int, lr_sched=None) -> None:
     from safetensors.torch import save_file
 
@@ -295,9 +302,9 @@ def _save_state(path: Path, model, opt, ema, step: int, lr_sched=None) -> None:
     if lr_sched is not None:
         state["lr_sched"] = lr_sched.state_dict()
     torch.save(state, tmp)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path.with_suffix(".model.safetensors"))
+    save_file(_cpu_weights(model), path.with_suffix(".model.safetensors"))
     if ema is not None:
-        save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()}, path.with_suffix(".ema.safetensors"))
+        save_file(_cpu_weights(ema.module), path.with_suffix(".ema.safetensors"))
     tmp.replace(path)
 
 
@@ -320,14 +327,45 @@ def _load_state(path: Path, model, opt, ema, lr_sched=None) -> int:
 def _autocast(cfg: DemoTrainConfig):
     from contextlib import nullcontext
 
-    return torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+    return torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+
+
+def training_device(cfg: DemoTrainConfig) -> torch.device:
+    """``cfg.device`` as a torch device, refused with the field named when it is not usable here."""
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError as err:
+        raise LdmGroundError(f"device: {cfg.device!r} is not a torch device ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LdmGroundError(f"device: {cfg.device!r} asked for, but this torch sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise LdmGroundError(f"device: {cfg.device!r}; train-demo trains on 'cpu' or 'cuda[:N]'")
+    return device
+
+
+def machine_description(device: torch.device) -> str:
+    """What trained the weights, for ``ldmground.json``: the GPU's name, else the CPU's."""
+    import os
+    import platform
+
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} GPU"
+    model = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        lines = cpuinfo.read_text().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+        model = names[0] if names else model
+    cores = f"{os.cpu_count()}-core " if os.cpu_count() else ""
+    return f"{cores}{platform.machine()} CPU ({model or 'unknown model'}), {torch.get_num_threads()} threads, no GPU"
 
 
 def train_vae(data: TrainingSet, cfg: DemoTrainConfig, out: Path, progress: bool = True):
     """Train the autoencoder (L1 + small KL); returns it with its latent scaling factor."""
     from tqdm.auto import tqdm
 
-    vae = demo_vae(cfg.seed, cfg.vae_factor)
+    device = training_device(cfg)
+    vae = demo_vae(cfg.seed, cfg.vae_factor).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
     ckpt = out / "vae.ckpt"
     start = _load_state(ckpt, vae, opt, None)
@@ -338,7 +376,7 @@ def train_vae(data: TrainingSet, cfg: DemoTrainConfig, out: Path, progress: bool
         range(start, cfg.vae_steps), desc="train VAE", initial=start, total=cfg.vae_steps, disable=not progress
     ):
         idx = torch.randint(len(images), (cfg.vae_batch,), generator=gen)
-        x = images[idx] * 2 - 1
+        x = (images[idx] * 2 - 1).to(device)
         with _autocast(cfg):
             post = vae.encode(x).latent_dist
             rec = vae.decode(post.sample(generator=gen)).sample
@@ -349,14 +387,15 @@ def train_vae(data: TrainingSet, cfg: DemoTrainConfig, out: Path, progress: bool
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
             _save_state(ckpt, vae, opt, None, step + 1)
             log.info("VAE step %d loss %.4f", step + 1, loss.item())
-    vae.eval()
-    return vae
+    return vae.cpu().eval()
 
 
 @torch.no_grad()
 def encode_all(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """Latent means of (N, S, S) images in [0, 1], on the CPU, encoded on the VAE's device."""
+    device = next(vae.parameters()).device
     x = torch.from_numpy(images)[:, None] * 2 - 1
-    return torch.cat([vae.encode(x[i : i + batch]).latent_dist.mean for i in range(0, len(x), batch)])
+    return torch.cat([vae.encode(x[i : i + batch].to(device)).latent_dist.mean.cpu() for i in range(0, len(x), batch)])
 
 
 def min_snr_weight(sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -392,6 +431,8 @@ def train_unet(
     unique = sorted(set(data.pair_phrase))
     states, masks = encode_phrases(tok, enc, [""] + unique, info["max_length"], text_sink=cfg.text_sink)
     phrase_index = torch.tensor([1 + unique.index(p) for p in data.pair_phrase])
+    device = training_device(cfg)
+    states, masks = states.to(device), masks.to(device)
     sched = DDIMScheduler.from_config(PAPER_SCHEDULER)
     unet = demo_unet(states.shape[-1], cfg.seed, cfg.cross_attention_at, cfg.latent_size)
     if init is not None:
@@ -402,6 +443,7 @@ def train_unet(
                 f"--init-from {cfg.init_from}: its UNet does not match this run's architecture "
                 f"(cross_attention_at={cfg.cross_attention_at!r}, vae_factor={cfg.vae_factor}): {err}"
             ) from None
+    unet.to(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=1e-2)
     name = "constant_with_warmup" if cfg.lr_schedule == "constant" and cfg.warmup_steps else cfg.lr_schedule
     lr_sched = get_scheduler(name, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
@@ -429,6 +471,7 @@ def train_unet(
         t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch,), generator=gen)
         if cfg.min_snr_gamma:
             weight = weight * min_snr_weight(sched, t, cfg.min_snr_gamma)[:, None, None, None]
+        z0, noise, t, weight, pidx = (v.to(device) for v in (z0, noise, t, weight, pidx))
         zt = sched.add_noise(z0, noise, t)
         target = sched.get_velocity(z0, noise, t)
         with _autocast(cfg):
@@ -446,16 +489,15 @@ def train_unet(
             from safetensors.torch import save_file
 
             # EMA snapshots let the grounding-vs-steps curve be measured afterwards.
-            snap = {k: v.contiguous() for k, v in ema.module.state_dict().items()}
-            save_file(snap, out / f"unet-ema-{done:06d}.safetensors")
+            save_file(_cpu_weights(ema.module), out / f"unet-ema-{done:06d}.safetensors")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             _save_state(ckpt, unet, opt, ema, done, lr_sched)
             log.info("UNet step %d loss %.4f (%.1f min)", done, loss.item(), (time.time() - t0) / 60)
         if cfg.max_minutes and time.time() - t0 > cfg.max_minutes * 60:
             _save_state(ckpt, unet, opt, ema, done, lr_sched)
             log.info("time budget reached at step %d; rerun the same command to continue", done)
-            return ema.module.eval(), done
-    return ema.module.eval(), cfg.steps
+            return ema.module.cpu().eval(), done
+    return ema.module.cpu().eval(), cfg.steps
 
 
 def export_demo(
@@ -479,11 +521,14 @@ def export_demo(
 
 
 def train_demo(cfg: DemoTrainConfig, export_to: Path | None = None, progress: bool = True) -> Path:
-    """Everything ``ldmground train-demo`` does: data, VAE, latents, UNet, export."""
-    import platform
+    """Everything ``ldmground train-demo`` does: data, VAE, latents, UNet, export.
 
+    The export's ``training`` block records the settings, the machine, this call's minutes
+    and the total over every call on ``cfg.out`` (a run resumed in chunks), and for a
+    fine-tune the ``training`` block of the folder it started from."""
     torch.set_num_threads(cfg.threads)
     parse_category_weights(cfg.category_weights)  # a bad spec fails before hours of rendering and training
+    device = training_device(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
@@ -497,15 +542,27 @@ def train_demo(cfg: DemoTrainConfig, export_to: Path | None = None, progress: bo
     notes = {}
     if cfg.init_from:
         vae, scaling, init, notes["init_unet_steps_done"] = _init_from(Path(cfg.init_from), cfg)
-        latents = encode_all(vae, data.images)
+        notes["init_from_model"] = {"training": _folder_meta(Path(cfg.init_from)).get("training", {})}
+        latents = encode_all(vae.to(device), data.images)
+        vae.cpu()
     else:
         vae, init = train_vae(data, cfg, out, progress), None
-        latents = encode_all(vae, data.images)
+        latents = encode_all(vae.to(device), data.images)
+        vae.cpu()
         scaling = float(1.0 / latents.std())
     unet, done = train_unet(data, latents * scaling, cfg, out, progress, init=init)
-    notes["machine"] = f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip()
-    notes["wall_minutes_this_call"] = round((time.time() - start) / 60, 1)
+    notes["machine"] = machine_description(device)
+    notes.update(_add_wall_minutes(out, (time.time() - start) / 60))
     return export_demo(vae, unet, scaling, cfg, done, export_to or out / "model", notes)
+
+
+def _add_wall_minutes(out: Path, minutes: float) -> dict[str, float]:
+    """Add one call's minutes to the run folder's ledger; this call's and the total."""
+    ledger = out / "wall_minutes.json"
+    calls = json.loads(ledger.read_text()) if ledger.is_file() else []
+    calls.append(round(minutes, 2))
+    ledger.write_text(json.dumps(calls) + "\n")
+    return {"wall_minutes_this_call": round(minutes, 1), "wall_minutes_total": round(sum(calls), 1)}
 
 
 def _folder_meta(folder: Path) -> dict:
@@ -539,6 +596,7 @@ _HELP = {
     "warmup_steps": "linear learning-rate warm-up steps",
     "max_minutes": "stop after this many minutes (0: no limit); rerun to continue",
     "category_weights": "draw some categories' pairs more often, e.g. 'Pneumothorax=3,Lung Opacity=2'",
+    "device": "where the VAE and UNet train: cpu, cuda, cuda:N (the batches are drawn on the CPU either way)",
 }
 
 

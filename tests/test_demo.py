@@ -179,7 +179,13 @@ def test_train_demo_checkpoints_resumes_and_exports_a_finer_latent(tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
     # more steps continue from the checkpoint
     longer = train_demo(replace(cfg, steps=6), progress=False)
-    assert json.loads((longer / "ldmground.json").read_text())["training"]["unet_steps_done"] == 6
+    training = json.loads((longer / "ldmground.json").read_text())["training"]
+    assert training["unet_steps_done"] == 6
+    # the run folder's ledger adds up the minutes of all three calls
+    calls = json.loads((run / "wall_minutes.json").read_text())
+    assert len(calls) == 3 and training["wall_minutes_total"] == round(sum(calls), 1)
+    assert training["wall_minutes_this_call"] == round(calls[-1], 1)
+    assert "CPU" in training["machine"] and training["device"] == "cpu"
     third = load_file(longer / "unet" / "diffusion_pytorch_model.safetensors")
     assert not all(torch.equal(first[k], third[k]) for k in first)
 
@@ -207,6 +213,9 @@ def test_train_demo_fine_tunes_a_model_folder_with_a_cool_down(tmp_path):
     meta = json.loads((same / "ldmground.json").read_text())
     assert meta["scaling_factor"] == json.loads((start / "ldmground.json").read_text())["scaling_factor"]
     assert meta["training"]["init_unet_steps_done"] == 2
+    # the start folder's own training record travels with the fine-tune
+    assert meta["training"]["init_from_model"]["training"]["out"] == base.out
+    assert meta["training"]["init_from_model"]["training"]["unet_steps_done"] == 2
     # the run's snapshots are read back with the start folder's VAE and scaling (the curve tools)
     assert run_scaling_factor(tmp_path / "frozen") == meta["scaling_factor"]
     snap = snapshot_pipeline(tmp_path / "frozen", tmp_path / "frozen" / "unet-ema-000002.safetensors", 1.0)
@@ -368,3 +377,40 @@ def test_select_demo_preset_adds_contrast_to_the_best_settings(tiny_pipe, tmp_pa
     # the background moves the scores: contrast rows are not copies of their plain rows
     merged = table[table["contrast"] == 1.0].merge(plain, on=keys, suffixes=("", "_plain"))
     assert (merged["cnr"] != merged["cnr_plain"]).any()
+
+
+def test_train_demo_refuses_a_device_it_cannot_use(tmp_path):
+    from ldmground.demo import DemoTrainConfig, machine_description, train_demo, training_device
+
+    assert training_device(DemoTrainConfig()) == torch.device("cpu")
+    bad = ["tpu", "mps"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for name in bad:
+        cfg = DemoTrainConfig(out=str(tmp_path / name), device=name)
+        with pytest.raises(LdmGroundError, match=f"device: '{name}'"):
+            train_demo(cfg, progress=False)
+        assert not (tmp_path / name).exists()  # refused before anything is rendered or trained
+    described = machine_description(torch.device("cpu"))
+    assert "CPU" in described and "no GPU" in described
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_train_demo_on_cuda_draws_the_cpu_run_batches(tmp_path):
+    from safetensors.torch import load_file
+
+    from ldmground.demo import DemoTrainConfig, demo_unet, train_demo
+
+    cfg = DemoTrainConfig(
+        out=str(tmp_path / "cpu"), n_train=6, render_size=64, vae_steps=2, vae_batch=2, steps=3, batch=2,
+        checkpoint_every=3, snapshot_every=3, threads=torch.get_num_threads(),
+    )  # fmt: skip
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    on_cpu = load_file(train_demo(cfg, progress=False) / weights)
+    gpu = train_demo(replace(cfg, out=str(tmp_path / "gpu"), device="cuda"), progress=False)
+    on_gpu = load_file(gpu / weights)
+    assert "GPU" in json.loads((gpu / "ldmground.json").read_text())["training"]["machine"]
+    # the same pairs, noise and timesteps: the two runs move the seeded UNet the same way, up
+    # to GPU rounding (TF32 convolutions), far less apart than either is from the start
+    start = demo_unet(384, cfg.seed).state_dict()
+    apart = sum((on_cpu[k] - on_gpu[k]).abs().sum().item() for k in on_cpu)
+    moved = sum((on_cpu[k] - start[k]).abs().sum().item() for k in on_cpu)
+    assert apart < 0.25 * moved
