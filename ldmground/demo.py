@@ -73,9 +73,11 @@ class DemoTrainConfig:
     """Settings of ``ldmground train-demo``.
 
     The committed model was trained with ``--text-sink --steps 8000`` (other settings at
-    their defaults), then fine-tuned from that folder with ``--text-sink --init-from ...
-    --steps 3000 --warmup-steps 100 --ema-decay 0.998 --category-weights
-    "Pneumothorax=3,Lung Opacity=2,Pneumonia=1.5"``. ``text_sink`` stays off by default so
+    their defaults), then fine-tuned twice, each from the folder before, with ``--text-sink
+    --init-from ... --steps 3000 --warmup-steps 100 --ema-decay 0.998``: first with
+    ``--category-weights "Pneumothorax=3,Lung Opacity=2,Pneumonia=1.5"``, then with
+    ``--n-train 10000 --category-weights "Pneumothorax=6,Lung Opacity=2,Pneumonia=1.5"``
+    (the same 5,000 images and 5,000 more). ``text_sink`` stays off by default so
     that runs from before the option, whose saved settings lack it, are read back as they
     were trained.
 
