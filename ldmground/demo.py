@@ -543,14 +543,14 @@ def train_demo(cfg: DemoTrainConfig, export_to: Path | None = None, progress: bo
         data.save(cache)
     notes = {}
     if cfg.init_from:
-        vae, scaling, init, notes["init_unet_steps_done"] = _init_from(Path(cfg.init_from), cfg)
-        notes["init_from_model"] = {"training": _folder_meta(Path(cfg.init_from)).get("training", {})}
-        latents = encode_all(vae.to(device), data.images)
-        vae.cpu()
+        vae, scaling, init, start_record = _init_from(Path(cfg.init_from), cfg)
+        notes["init_unet_steps_done"] = int(start_record.get("unet_steps_done", 0))
+        notes["init_from_model"] = {"training": start_record}
     else:
-        vae, init = train_vae(data, cfg, out, progress), None
-        latents = encode_all(vae.to(device), data.images)
-        vae.cpu()
+        vae, scaling, init = train_vae(data, cfg, out, progress), None, None
+    latents = encode_all(vae.to(device), data.images)
+    vae.cpu()
+    if scaling is None:  # a new VAE: scale its latents to unit variance
         scaling = float(1.0 / latents.std())
     unet, done = train_unet(data, latents * scaling, cfg, out, progress, init=init)
     notes["machine"] = machine_description(device)
@@ -577,7 +577,7 @@ def _folder_meta(folder: Path) -> dict:
 
 
 def _init_from(folder: Path, cfg: DemoTrainConfig):
-    """VAE, latent scaling factor, UNet weights and UNet steps of an exported model folder."""
+    """VAE, latent scaling factor, UNet weights and ``training`` record of an exported model folder."""
     from diffusers import AutoencoderKL
     from safetensors.torch import load_file
 
@@ -589,8 +589,7 @@ def _init_from(folder: Path, cfg: DemoTrainConfig):
             raise LdmGroundError(f"--init-from {folder}: its {key} is {meta.get(key)!r}, this run's is {value!r}")
     vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
     weights = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
-    steps = int(meta.get("training", {}).get("unet_steps_done", 0))
-    return vae, float(meta["scaling_factor"]), weights, steps
+    return vae, float(meta["scaling_factor"]), weights, meta.get("training", {})
 
 
 _HELP = {
