@@ -88,7 +88,9 @@ class DemoTrainConfig:
     ``lr_schedule`` is diffusers' scheduler name (``constant``, ``linear``, ``cosine``, ...)
     over ``steps`` with ``warmup_steps`` of linear warm-up: ``linear`` is a cool-down to 0.
     ``category_weights`` draws the training pairs of some categories more (or less) often,
-    e.g. ``"Pneumothorax=3"``; empty: every pair equally often. ``device`` is where the VAE and
+    e.g. ``"Pneumothorax=3"``; empty: every pair equally often. ``category_mask_weights``
+    gives some categories' pairs their own ``mask_weight`` (e.g. ``"Pneumothorax=16"``: a
+    thin rim's loss counts more than a large opacity's). ``device`` is where the VAE and
     UNet train (``cpu``, ``cuda``, ``cuda:1``, ...); the batches are drawn on the CPU from the
     seed either way, so a run draws the same pairs, noise and timesteps on any device."""
 
@@ -123,6 +125,7 @@ class DemoTrainConfig:
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     category_weights: str = ""
+    category_mask_weights: str = ""
     device: str = "cpu"
 
     @property
@@ -223,8 +226,9 @@ class TrainingSet:
             return cls(z["images"], z["pair_image"], [str(p) for p in z["pair_phrase"]], z["pair_mask"], category)
 
 
-def parse_category_weights(spec: str) -> dict[str, float]:
-    """``"Pneumothorax=3,Lung Opacity=2"`` -> {category: factor}; checked before any training."""
+def parse_category_weights(spec: str, field: str = "category_weights") -> dict[str, float]:
+    """``"Pneumothorax=3,Lung Opacity=2"`` -> {category: factor}; checked before any training.
+    ``field`` names the setting in the error messages."""
     from .phantom import CATEGORIES
 
     factors = {}
@@ -233,14 +237,14 @@ def parse_category_weights(spec: str) -> dict[str, float]:
         name = name.strip()
         if not sep or name not in CATEGORIES:
             raise LdmGroundError(
-                f"category_weights: {item.strip()!r} is not CATEGORY=FACTOR with a category among {list(CATEGORIES)}"
+                f"{field}: {item.strip()!r} is not CATEGORY=FACTOR with a category among {list(CATEGORIES)}"
             )
         try:
             factors[name] = float(value)
         except ValueError:
-            raise LdmGroundError(f"category_weights: {item.strip()!r}: {value!r} is not a number") from None
+            raise LdmGroundError(f"{field}: {item.strip()!r}: {value!r} is not a number") from None
         if factors[name] < 0:
-            raise LdmGroundError(f"category_weights: {item.strip()!r}: a weight cannot be negative")
+            raise LdmGroundError(f"{field}: {item.strip()!r}: a weight cannot be negative")
     return factors
 
 
@@ -259,6 +263,20 @@ def pair_weights(data: TrainingSet, spec: str) -> torch.Tensor | None:
     if not weights.sum() > 0:
         raise LdmGroundError(f"category_weights: {spec!r} leaves no training pair to draw")
     return weights
+
+
+def pair_mask_weights(data: TrainingSet, cfg: DemoTrainConfig) -> torch.Tensor:
+    """Each training pair's finding-mask loss weight: ``cfg.mask_weight``, or its category's
+    value in ``cfg.category_mask_weights``."""
+    factors = parse_category_weights(cfg.category_mask_weights, "category_mask_weights")
+    if factors and data.pair_category is None:
+        raise LdmGroundError(
+            "category_mask_weights: the cached train_set.npz has no pair categories (made by an older version); "
+            "delete it to render the training set again"
+        )
+    if not factors:
+        return torch.full((len(data.pair_image),), float(cfg.mask_weight))
+    return torch.tensor([factors.get(c, cfg.mask_weight) for c in data.pair_category], dtype=torch.float32)
 
 
 def make_training_set(n: int, seed: int, split: str, cfg: DemoTrainConfig, progress: bool = True) -> TrainingSet:
@@ -456,6 +474,7 @@ def train_unet(
     pair_image = torch.from_numpy(data.pair_image)
     pair_mask = torch.from_numpy(data.pair_mask)
     draw_weights = pair_weights(data, cfg.category_weights)
+    mask_weights = pair_mask_weights(data, cfg)
     t0 = time.time()
     unet.train()
     bar = tqdm(range(start, cfg.steps), desc="train UNet", initial=start, total=cfg.steps, disable=not progress)
@@ -468,7 +487,8 @@ def train_unet(
         pidx = phrase_index[idx].clone()
         drop = torch.rand(cfg.batch, generator=gen) < cfg.cfg_dropout
         pidx[drop] = 0
-        weight = 1 + cfg.mask_weight * pair_mask[idx][:, None] * (~drop).float()[:, None, None, None]
+        finding = mask_weights[idx] * (~drop).float()  # no finding weight for an empty prompt
+        weight = 1 + finding[:, None, None, None] * pair_mask[idx][:, None]
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch,), generator=gen)
         if cfg.min_snr_gamma:
@@ -530,6 +550,7 @@ def train_demo(cfg: DemoTrainConfig, export_to: Path | None = None, progress: bo
     fine-tune the ``training`` block of the folder it started from."""
     torch.set_num_threads(cfg.threads)
     parse_category_weights(cfg.category_weights)  # a bad spec fails before hours of rendering and training
+    parse_category_weights(cfg.category_mask_weights, "category_mask_weights")
     device = training_device(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -597,6 +618,7 @@ _HELP = {
     "warmup_steps": "linear learning-rate warm-up steps",
     "max_minutes": "stop after this many minutes (0: no limit); rerun to continue",
     "category_weights": "draw some categories' pairs more often, e.g. 'Pneumothorax=3,Lung Opacity=2'",
+    "category_mask_weights": "give some categories' pairs their own --mask-weight, e.g. 'Pneumothorax=16'",
     "device": "where the VAE and UNet train: cpu, cuda, cuda:N (the batches are drawn on the CPU either way)",
 }
 

@@ -225,6 +225,7 @@ def test_train_demo_fine_tunes_a_model_folder_with_a_cool_down(tmp_path):
     cool = replace(
         base, out=str(tmp_path / "cool"), init_from=str(start), steps=4, lr_schedule="linear", warmup_steps=1,
         category_weights="Edema=2,Pneumothorax=3",  # the weighted draws train too
+        category_mask_weights="Pneumothorax=16",  # and so do per-category mask weights
     )  # fmt: skip
     moved = load_file(train_demo(cool, progress=False) / weights)
     assert not all(torch.equal(before[k], moved[k]) for k in before)
@@ -311,7 +312,14 @@ def test_train_demo_command_line_reads_the_fine_tune_options():
 
 
 def test_category_weights_draw_the_named_categories_more_often(tmp_path):
-    from ldmground.demo import DemoTrainConfig, TrainingSet, make_training_set, pair_weights, train_demo
+    from ldmground.demo import (
+        DemoTrainConfig,
+        TrainingSet,
+        make_training_set,
+        pair_mask_weights,
+        pair_weights,
+        train_demo,
+    )
 
     cfg = DemoTrainConfig(render_size=64, image_size=32, two_finding_fraction=1.0)
     data = make_training_set(12, seed=5, split="train", cfg=cfg, progress=False)
@@ -345,6 +353,17 @@ def test_category_weights_draw_the_named_categories_more_often(tmp_path):
     # train-demo refuses a misspelt spec before it renders or trains anything
     with pytest.raises(LdmGroundError, match="Pneumothorx"):
         train_demo(replace(cfg, out=str(tmp_path / "run"), category_weights="Pneumothorx=3"), progress=False)
+    assert not (tmp_path / "run").exists()
+
+    # per-category mask weights: the named category's pairs get theirs, the rest mask_weight
+    assert pair_mask_weights(data, cfg).tolist() == [cfg.mask_weight] * 24
+    masked = pair_mask_weights(data, replace(cfg, mask_weight=2.0, category_mask_weights=f"{first}=16"))
+    assert set(masked[data.pair_category == first].tolist()) == {16.0}
+    assert set(masked[data.pair_category != first].tolist()) == {2.0}
+    with pytest.raises(LdmGroundError, match="delete it"):
+        pair_mask_weights(old, replace(cfg, category_mask_weights="Edema=8"))
+    with pytest.raises(LdmGroundError, match="category_mask_weights: 'Edema=-2'"):
+        train_demo(replace(cfg, out=str(tmp_path / "run"), category_mask_weights="Edema=-2"), progress=False)
     assert not (tmp_path / "run").exists()
 
 
