@@ -196,3 +196,14 @@ def test_demo_postprocess_scores_the_grid_and_matches_the_preset_path(tmp_path):
     # sharpening reshapes the map: the exponent changes the scores of both sources
     assert rows[("model", "1", sigma, "0")] != rows[("model", "2", sigma, "0")]
     assert rows[("centre", "1", sigma, "0")][1] != rows[("centre", "2", sigma, "0")][1]
+
+
+def test_finding_visibility_prints_one_line_per_category():
+    args = ["--model", "tiny", "--n", "2", "--categories", "Pneumothorax", "Edema", "--threads", "1"]
+    out = _run("finding_visibility.py", *args)
+    pattern = r"^VISIBLE category=(\S+) area=(\S+) contrast=(\S+) recon=(\S+) kept=(\S+) n=2$"
+    lines = {name: tuple(map(float, rest)) for name, *rest in re.findall(pattern, out, re.M)}
+    assert sorted(lines) == ["Edema", "Pneumothorax"], out
+    # a thin pneumothorax rim covers less of the image than bilateral edema, and both are visible
+    assert 0 < lines["Pneumothorax"][0] < lines["Edema"][0]
+    assert all(contrast > 0.01 for _, contrast, *_ in lines.values())
