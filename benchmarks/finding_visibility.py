@@ -8,7 +8,7 @@ the contrast the VAE keeps):
 
   VISIBLE category=<name> area=<px> contrast=<input> recon=<after the VAE> kept=<share> n=<samples>
 
-~1 minute for the demo model at --n 30 on 2 CPU cores.
+~25 s for the demo model at --n 30 on 2 CPU cores.
 
 Example:
   python benchmarks/finding_visibility.py --model demo --n 30

@@ -248,19 +248,25 @@ def parse_category_weights(spec: str, field: str = "category_weights") -> dict[s
     return factors
 
 
-def pair_weights(data: TrainingSet, spec: str) -> torch.Tensor | None:
-    """Sampling weight of each training pair from ``spec`` (see :func:`parse_category_weights`;
-    categories not named keep weight 1); None for an empty spec (uniform draws)."""
-    factors = parse_category_weights(spec)
+def _per_pair(data: TrainingSet, spec: str, field: str, default: float) -> torch.Tensor | None:
+    """Each training pair's category value from ``spec`` (``default`` for the categories not
+    named), float64; None for an empty spec."""
+    factors = parse_category_weights(spec, field)
     if not factors:
         return None
     if data.pair_category is None:
         raise LdmGroundError(
-            "category_weights: the cached train_set.npz has no pair categories (made by an older version); "
+            f"{field}: the cached train_set.npz has no pair categories (made by an older version); "
             "delete it to render the training set again"
         )
-    weights = torch.tensor([factors.get(c, 1.0) for c in data.pair_category], dtype=torch.float64)
-    if not weights.sum() > 0:
+    return torch.tensor([factors.get(c, default) for c in data.pair_category], dtype=torch.float64)
+
+
+def pair_weights(data: TrainingSet, spec: str) -> torch.Tensor | None:
+    """Sampling weight of each training pair from ``spec`` (see :func:`parse_category_weights`;
+    categories not named keep weight 1); None for an empty spec (uniform draws)."""
+    weights = _per_pair(data, spec, "category_weights", 1.0)
+    if weights is not None and not weights.sum() > 0:
         raise LdmGroundError(f"category_weights: {spec!r} leaves no training pair to draw")
     return weights
 
@@ -268,15 +274,10 @@ def pair_weights(data: TrainingSet, spec: str) -> torch.Tensor | None:
 def pair_mask_weights(data: TrainingSet, cfg: DemoTrainConfig) -> torch.Tensor:
     """Each training pair's finding-mask loss weight: ``cfg.mask_weight``, or its category's
     value in ``cfg.category_mask_weights``."""
-    factors = parse_category_weights(cfg.category_mask_weights, "category_mask_weights")
-    if factors and data.pair_category is None:
-        raise LdmGroundError(
-            "category_mask_weights: the cached train_set.npz has no pair categories (made by an older version); "
-            "delete it to render the training set again"
-        )
-    if not factors:
+    weights = _per_pair(data, cfg.category_mask_weights, "category_mask_weights", cfg.mask_weight)
+    if weights is None:
         return torch.full((len(data.pair_image),), float(cfg.mask_weight))
-    return torch.tensor([factors.get(c, cfg.mask_weight) for c in data.pair_category], dtype=torch.float32)
+    return weights.float()
 
 
 def make_training_set(n: int, seed: int, split: str, cfg: DemoTrainConfig, progress: bool = True) -> TrainingSet:
