@@ -126,6 +126,7 @@ class DemoTrainConfig:
     warmup_steps: int = 0
     category_weights: str = ""
     category_mask_weights: str = ""
+    trainable: str = "all"
     device: str = "cpu"
 
     @property
@@ -430,6 +431,25 @@ def min_snr_weight(sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
     return snr.clamp(max=gamma) / (snr + 1)
 
 
+TRAINABLE = ("all", "cross-attention")
+
+
+def check_trainable(trainable: str) -> None:
+    if trainable not in TRAINABLE:
+        raise LdmGroundError(f"trainable must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
+
+
+def trainable_parameters(unet, trainable: str) -> list[torch.nn.Parameter]:
+    """The UNet weights a run trains (``DemoTrainConfig.trainable``); the others are frozen."""
+    check_trainable(trainable)
+    unet.requires_grad_(trainable == "all")
+    if trainable == "cross-attention":
+        for name, module in unet.named_modules():
+            if name.endswith("attn2"):
+                module.requires_grad_(True)
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
 def train_unet(
     data: TrainingSet,
     latents: torch.Tensor,
@@ -465,7 +485,7 @@ def train_unet(
                 f"(cross_attention_at={cfg.cross_attention_at!r}, vae_factor={cfg.vae_factor}): {err}"
             ) from None
     unet.to(device)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW(trainable_parameters(unet, cfg.trainable), lr=cfg.lr, weight_decay=1e-2)
     name = "constant_with_warmup" if cfg.lr_schedule == "constant" and cfg.warmup_steps else cfg.lr_schedule
     lr_sched = get_scheduler(name, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
     ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
@@ -552,6 +572,7 @@ def train_demo(cfg: DemoTrainConfig, export_to: Path | None = None, progress: bo
     torch.set_num_threads(cfg.threads)
     parse_category_weights(cfg.category_weights)  # a bad spec fails before hours of rendering and training
     parse_category_weights(cfg.category_mask_weights, "category_mask_weights")
+    check_trainable(cfg.trainable)
     device = training_device(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -620,6 +641,7 @@ _HELP = {
     "max_minutes": "stop after this many minutes (0: no limit); rerun to continue",
     "category_weights": "draw some categories' pairs more often, e.g. 'Pneumothorax=3,Lung Opacity=2'",
     "category_mask_weights": "give some categories' pairs their own --mask-weight, e.g. 'Pneumothorax=16'",
+    "trainable": "UNet weights to train: all, or cross-attention (only the text's query/key/value/output)",
     "device": "where the VAE and UNet train: cpu, cuda, cuda:N (the batches are drawn on the CPU either way)",
 }
 
@@ -638,6 +660,8 @@ def add_train_parser(sub) -> None:
         elif name == "lr_schedule":
             choices = [t.value for t in SchedulerType if t.value != "piecewise_constant"]  # it needs step rules
             p.add_argument(flag, choices=choices, default=value, help=f"diffusers LR schedule (default: {value})")
+        elif name == "trainable":
+            p.add_argument(flag, choices=TRAINABLE, default=value, help=f"{_HELP[name]} (default: {value})")
         else:
             p.add_argument(flag, type=type(value), default=value, help=f"{_HELP.get(name, '')} (default: {value})")
     p.add_argument("--export", help="model folder to write at the end (default: OUT/model)")

@@ -232,9 +232,19 @@ def test_train_demo_fine_tunes_a_model_folder_with_a_cool_down(tmp_path):
     state = torch.load(tmp_path / "cool" / "unet.ckpt", weights_only=True)
     assert state["lr_sched"]["last_epoch"] == 4
     assert [g["lr"] for g in state["opt"]["param_groups"]] == [0.0]
+    # only the cross-attention projections train: every other weight stays the start folder's
+    xattn = replace(base, out=str(tmp_path / "xattn"), init_from=str(start), steps=3, trainable="cross-attention")
+    tuned = load_file(train_demo(xattn, progress=False) / weights)
+    changed = {k for k in before if not torch.equal(before[k], tuned[k])}
+    assert changed and all(".attn2." in k for k in changed)
+    assert any(".attn2.to_k." in k for k in changed) and any(".attn2.to_q." in k for k in changed)
     # a folder made for another text layout is refused with the field named
     with pytest.raises(LdmGroundError, match="text_sink"):
         train_demo(replace(cool, out=str(tmp_path / "bad"), text_sink=True), progress=False)
+    # an unknown trainable set is refused before the run folder exists
+    with pytest.raises(LdmGroundError, match="trainable must be one of all, cross-attention, got 'attn'"):
+        train_demo(replace(xattn, out=str(tmp_path / "none"), trainable="attn"), progress=False)
+    assert not (tmp_path / "none").exists()
 
 
 def test_text_sink_puts_the_empty_phrase_before_every_phrase():
@@ -309,6 +319,9 @@ def test_train_demo_command_line_reads_the_fine_tune_options():
     assert (args.init_from, args.lr_schedule, args.warmup_steps) == ("data/demo", "cosine", 5)
     with pytest.raises(SystemExit):  # not a diffusers schedule, or one that needs extra rules
         parser.parse_args(["train-demo", "--lr-schedule", "piecewise_constant"])
+    assert parser.parse_args(["train-demo", "--trainable", "cross-attention"]).trainable == "cross-attention"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train-demo", "--trainable", "attn2"])
 
 
 def test_category_weights_draw_the_named_categories_more_often(tmp_path):
