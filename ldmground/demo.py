@@ -90,9 +90,12 @@ class DemoTrainConfig:
     ``category_weights`` draws the training pairs of some categories more (or less) often,
     e.g. ``"Pneumothorax=3"``; empty: every pair equally often. ``category_mask_weights``
     gives some categories' pairs their own ``mask_weight`` (e.g. ``"Pneumothorax=16"``: a
-    thin rim's loss counts more than a large opacity's). ``device`` is where the VAE and
-    UNet train (``cpu``, ``cuda``, ``cuda:1``, ...); the batches are drawn on the CPU from the
-    seed either way, so a run draws the same pairs, noise and timesteps on any device."""
+    thin rim's loss counts more than a large opacity's). ``trainable`` is ``all`` (every UNet
+    weight) or ``cross-attention`` (only the cross-attention layers' query, key, value and
+    output projections, the weights that tie words to places; the rest of a fine-tuned UNet
+    stays as it was). ``device`` is where the VAE and UNet train (``cpu``, ``cuda``,
+    ``cuda:1``, ...); the batches are drawn on the CPU from the seed either way, so a run
+    draws the same pairs, noise and timesteps on any device."""
 
     out: str = "runs/demo"
     n_train: int = 5000
