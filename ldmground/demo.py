@@ -438,6 +438,7 @@ TRAINABLE = ("all", "cross-attention")
 
 
 def check_trainable(trainable: str) -> None:
+    """Refuse an unknown ``trainable`` before any rendering or training."""
     if trainable not in TRAINABLE:
         raise LdmGroundError(f"trainable must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
 
