@@ -340,7 +340,13 @@ def _load_state(path: Path, model, opt, ema, lr_sched=None) -> int:
         return 0
     state = torch.load(path, weights_only=True)
     model.load_state_dict(load_file(path.with_suffix(".model.safetensors")))
-    opt.load_state_dict(state["opt"])
+    try:
+        opt.load_state_dict(state["opt"])
+    except ValueError as err:  # another parameter list: the run was started with another --trainable
+        raise LdmGroundError(
+            f"{path}: its optimizer state does not match the weights this run trains "
+            f"(resume with the --trainable it was started with): {err}"
+        ) from None
     if lr_sched is not None and "lr_sched" in state:  # checkpoints before schedules had none
         lr_sched.load_state_dict(state["lr_sched"])
     if ema is not None:

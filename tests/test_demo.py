@@ -238,6 +238,9 @@ def test_train_demo_fine_tunes_a_model_folder_with_a_cool_down(tmp_path):
     changed = {k for k in before if not torch.equal(before[k], tuned[k])}
     assert changed and all(".attn2." in k for k in changed)
     assert any(".attn2.to_k." in k for k in changed) and any(".attn2.to_q." in k for k in changed)
+    # resuming that run with every weight trainable is refused, naming the option
+    with pytest.raises(LdmGroundError, match="--trainable"):
+        train_demo(replace(xattn, steps=4, trainable="all"), progress=False)
     # a folder made for another text layout is refused with the field named
     with pytest.raises(LdmGroundError, match="text_sink"):
         train_demo(replace(cool, out=str(tmp_path / "bad"), text_sink=True), progress=False)
