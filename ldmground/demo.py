@@ -340,13 +340,7 @@ def _load_state(path: Path, model, opt, ema, lr_sched=None) -> int:
         return 0
     state = torch.load(path, weights_only=True)
     model.load_state_dict(load_file(path.with_suffix(".model.safetensors")))
-    try:
-        opt.load_state_dict(state["opt"])
-    except ValueError as err:  # another parameter list: the run was started with another --trainable
-        raise LdmGroundError(
-            f"{path}: its optimizer state does not match the weights this run trains "
-            f"(resume with the --trainable it was started with): {err}"
-        ) from None
+    opt.load_state_dict(state["opt"])
     if lr_sched is not None and "lr_sched" in state:  # checkpoints before schedules had none
         lr_sched.load_state_dict(state["lr_sched"])
     if ema is not None:
@@ -500,7 +494,13 @@ def train_unet(
     lr_sched = get_scheduler(name, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
     ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
     ckpt = out / "unet.ckpt"
-    start = _load_state(ckpt, unet, opt, ema, lr_sched)
+    try:
+        start = _load_state(ckpt, unet, opt, ema, lr_sched)
+    except ValueError as err:  # the optimizer holds another parameter list: another --trainable
+        raise LdmGroundError(
+            f"{ckpt}: its optimizer state does not match the weights this run trains "
+            f"(resume with the --trainable it was started with): {err}"
+        ) from None
     gen = torch.Generator().manual_seed(cfg.seed + 2 + start)  # a resumed run draws new batches
     pair_image = torch.from_numpy(data.pair_image)
     pair_mask = torch.from_numpy(data.pair_mask)
