@@ -15,6 +15,10 @@ def _layers(text: str) -> tuple[int, ...] | None:
     return None if text == "all" else tuple(int(v) for v in text.split(","))
 
 
+def _threads(text: str) -> int | None:
+    return None if text == "auto" else int(text)
+
+
 def _window(text: str) -> tuple[float, float]:
     a, b = (float(v) for v in text.split(","))
     return a, b
@@ -36,6 +40,13 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--otsu", action=argparse.BooleanOptionalAction, default=None, help="binary Otsu masking")
     g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="autocast dtype of the UNet")
     g.add_argument("--seed", type=int, help="random seed")
+    g.add_argument(
+        "--threads",
+        type=_threads,
+        default=argparse.SUPPRESS,
+        help="torch CPU threads while grounding (default 1: bitwise-identical results in every process and "
+        "on every core count); 'auto' leaves torch's own count (faster, last bits depend on it)",
+    )
     g.add_argument(
         "--contrast",
         type=float,
@@ -63,8 +74,9 @@ def _config(args: argparse.Namespace) -> GroundingConfig:
         "reference_phrases": tuple(args.reference_phrases) if args.reference_phrases else None,
     }
     changes = {k: v for k, v in changes.items() if v is not None}
-    if hasattr(args, "layers"):
-        changes["layers"] = args.layers
+    for name in ("layers", "threads"):
+        if hasattr(args, name):
+            changes[name] = getattr(args, name)
     return cfg.replace(**changes)
 
 
@@ -90,10 +102,40 @@ def cmd_ground(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_workers(args: argparse.Namespace) -> list[int]:
+    """Run ``evaluate`` as ``args.workers`` processes, one shard each; return their exit codes.
+
+    Each worker computes its images (single-threaded by default, see ``--threads``) and
+    commits them to the shared results store; none writes the summary.
+    """
+    import os
+    import subprocess
+
+    argv = list(args.argv)
+    i = argv.index("--workers") if "--workers" in argv else None
+    argv = argv[:i] + argv[i + 2 :] if i is not None else [a for a in argv if not a.startswith("--workers=")]
+    n = args.workers
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "ldmground.cli", *argv, "--shard", f"{k}/{n}", "--quiet", "--no-summary"],
+            env=dict(os.environ),
+        )
+        for k in range(n)
+    ]
+    return [p.wait() for p in procs]
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate, make_grounder, parse_shard
 
     cfg = _config(args)
+    if args.workers > 1:
+        if args.shard:
+            raise LdmGroundError("--workers splits the data set itself; it cannot be combined with --shard")
+        codes = _run_workers(args)
+        crashed = [c for c in codes if c not in (0, 1)]
+        if crashed:
+            print(f"warning: {len(crashed)} worker(s) ended with {crashed}; this process computes what is left", file=sys.stderr)
     state = None
     if args.shard == "auto":
         from accelerate import PartialState
@@ -113,7 +155,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         cfg,
         shard=shard,
         retry_failed=args.retry_failed,
-        finalize=state is None,
+        finalize=state is None and not args.no_summary,
         **common,
     )
     if state is not None:
@@ -188,7 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", help="i/n: take one of n deterministic parts; 'auto' under accelerate launch")
     p.add_argument("--retry-failed", action="store_true", help="recompute samples stored as failed")
     p.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="run N processes, one shard each, on this machine (use it with the default --threads 1 to fill the "
+        "cores; results are identical to one process)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    p.add_argument("--no-summary", action="store_true", help=argparse.SUPPRESS)  # workers leave it to the caller
     _add_config_options(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -221,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return int(args.func(args) or 0)

@@ -12,9 +12,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Spacing = Literal["leading", "trailing", "linspace"]
+Spacing = Literal["leading", "trailing", "linspace", "trailing-integer"]
 TokenChoice = Literal["phrase", "class"]
 Pooling = Literal["mean", "max", "median"]
+Resize = Literal["resize-crop", "crop-resize"]
+InversionStep = Literal["ddim", "lagged"]
 
 # MS-CXR's eight finding categories, spelled as in its CSV (the phantom set's too,
 # ``ldmground.phantom.CATEGORIES``): the default reference phrases of ``contrast``.
@@ -31,6 +33,10 @@ FINDING_NAMES = (
 # Fields added after results were first stored: left out of ``to_dict`` (and so of the
 # digest) while ``contrast`` is 0, so that earlier settings keep their digests.
 _CONTRAST_FIELDS = ("contrast", "reference_phrases")
+# Later fields, left out of ``to_dict`` while they hold the value that reproduces what
+# ldmground computed before they existed (so those settings keep their digests; ``threads``
+# changes only last bits, and the results store's key carries a version of its own).
+_LEGACY_VALUES = {"resize": "crop-resize", "inversion_step": "ddim", "threads": 1}
 
 
 @dataclass(frozen=True)
@@ -39,8 +45,11 @@ class GroundingConfig:
 
     Attributes:
         num_inference_steps: number N of DDIM steps on the train-step grid.
-        timestep_spacing: how the N steps are laid on the train steps (diffusers' names).
-            ``"leading"`` with N=300 on 1000 train steps gives t_i = 3 i, the grid of the paper.
+        timestep_spacing: how the N steps are laid on the T train steps: diffusers' names,
+            or ``"trailing-integer"``, the grid of the authors' patched ``set_timesteps``:
+            t = T - 1 - k r with the integer ratio r = T // N, for every k with t >= 0 (334
+            steps t = 999, 996, ..., 0 for N=300; t = 999, 989, ..., 9 for N=100). For N=300
+            it walks the same t = 3 i as ``"leading"``; for N=100 they differ (10 i + 9 vs 10 i).
         window: ``(start, stop)`` fractions of N; attention is read at step indices
             ``[round(start N), round(stop N))`` of the ascending (inversion) order.
             The paper uses ``(0.4, 0.6)`` -> indices 120..179 for N=300.
@@ -63,10 +72,32 @@ class GroundingConfig:
             method); it is this project's extension, not the paper's.
         reference_phrases: the phrases whose mean map is the background (default: the
             eight MS-CXR finding names); unused when ``contrast`` is 0.
+        resize: how the X-ray becomes the S x S model input.
+            ``"resize-crop"`` (the authors'): short side resized to S with bilinear
+            interpolation without antialiasing (torchvision's tensor ``Resize``, long side
+            ``int(S * long / short)``), then a centre crop starting at ``floor(margin / 2)``
+            (MONAI's ``CenterSpatialCrop``). ``"crop-resize"``: centre square of the original
+            (at ``round(margin / 2)``), then PIL's antialiased bilinear resize to S; smoother
+            for large downsampling factors, and what the demo model was tuned with.
+        inversion_step: ``"ddim"`` evaluates the UNet at (x_t, t) and moves to the next
+            level t' with the DDIM inverse step (MONAI GenerativeModels 0.2.3's
+            ``reversed_step``, the committed code's). ``"lagged"`` reproduces the step that
+            the authors' ``models_local/get_models.py`` defines but never binds: the UNet is
+            evaluated at t on the latent still at the previous level t - r (the latent's x0
+            and noise estimates use that level's alpha, 1 before the first step), and the step
+            moves it to level t. Which one produced the paper's numbers cannot be told from
+            the released code; ``"ddim"`` is what it runs.
+        threads: torch's intra-op CPU threads while the image is grounded (restored after).
+            Several CPU kernels (oneDNN convolutions on small feature maps among them) split
+            their sums across threads, so the last bits of a heatmap depend on the thread
+            count. A fixed count makes results bitwise identical across processes, shells
+            and machines' loads; 1, the default, also across machines' core counts. ``None``
+            leaves torch's setting alone (faster on many cores, not reproducible across thread
+            counts). Use several processes (``evaluate --workers``) for speed instead.
     """
 
     num_inference_steps: int = 300
-    timestep_spacing: Spacing = "leading"
+    timestep_spacing: Spacing = "trailing-integer"
     window: tuple[float, float] = (0.4, 0.6)
     layers: tuple[int, ...] | None = (3, 4, 6, 7)
     tokens: TokenChoice = "phrase"
@@ -79,6 +110,9 @@ class GroundingConfig:
     border: float = 0.0
     contrast: float = 0.0
     reference_phrases: tuple[str, ...] = FINDING_NAMES
+    resize: Resize = "resize-crop"
+    inversion_step: InversionStep = "ddim"
+    threads: int | None = 1
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +125,12 @@ class GroundingConfig:
             object.__setattr__(self, "layers", tuple(sorted(set(int(i) for i in self.layers))))
         refs = self.reference_phrases
         object.__setattr__(self, "reference_phrases", (refs,) if isinstance(refs, str) else tuple(refs))
+        if self.resize not in ("resize-crop", "crop-resize"):
+            raise ValueError(f"resize must be 'resize-crop' or 'crop-resize', got {self.resize!r}")
+        if self.inversion_step not in ("ddim", "lagged"):
+            raise ValueError(f"inversion_step must be 'ddim' or 'lagged', got {self.inversion_step!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
         if self.contrast < 0:
             raise ValueError(f"contrast must be >= 0, got {self.contrast}")
         if self.contrast > 0:
@@ -119,6 +159,9 @@ class GroundingConfig:
         if self.contrast == 0:
             for name in _CONTRAST_FIELDS:
                 d.pop(name)
+        for name, legacy in _LEGACY_VALUES.items():
+            if d[name] == legacy:
+                d.pop(name)
         return d
 
     @classmethod
@@ -143,11 +186,16 @@ class GroundingConfig:
 
 
 PRESETS: dict[str, GroundingConfig] = {
-    # Vilouras et al.: 300 steps on the t = 3i grid, middle 20 % of the steps,
-    # the four 16x16 cross-attention layers, blur 2.5 px at 512, Otsu.
+    # Vilouras et al.: 300 steps on the authors' t = 3i grid, middle 20 % of the steps,
+    # the four 16x16 cross-attention layers, blur 2.5 px at 512, Otsu; the authors'
+    # resize-then-crop and DDIM inverse step.
     "paper": GroundingConfig(),
     # The same recipe on 50 steps: a quick look, not the paper's numbers.
-    "fast": GroundingConfig(num_inference_steps=50),
+    "fast": GroundingConfig(num_inference_steps=50, timestep_spacing="leading"),
+    # The authors' re-run of the method as the "LDM (frozen)" baseline of their follow-up
+    # (Vilouras et al., MIDL 2026, Table 1): 100 steps, window [0.4, 0.6) -> step indices
+    # 40..59, on the authors' grid t = 10 k + 9 -> t = 409..599; everything else as ``paper``.
+    "midl26": GroundingConfig(num_inference_steps=100),
     # Settings for the phantom demo model, chosen on a 120-sample validation split (seed 1,
     # never the committed test split) by ldmground.demo.select_demo_preset, as the best
     # pointing + CNR among the settings with Otsu (without it mIoU has no mask to score): its
@@ -155,11 +203,13 @@ PRESETS: dict[str, GroundingConfig] = {
     # map subtracted (not in the paper), blur 32 px at 512 (4 px of its 64-px input), Otsu.
     "demo": GroundingConfig(
         num_inference_steps=25,
+        timestep_spacing="leading",
         window=(0.1, 0.5),
         layers=(1, 2, 3),
         sigma=32.0,
         otsu=True,
         contrast=0.8,
+        resize="crop-resize",
     ),
 }
 

@@ -120,6 +120,7 @@ class DiffusionGrounder(Grounder):
     def __init__(self, pipe, config: GroundingConfig):
         self.pipe, self.config = pipe, config
         self.spec, self.image_size = pipe.spec, pipe.image_size
+        self.device = pipe.device
         self.weight_files = pipe.weight_files
 
     def check_phrase(self, phrase: str) -> list[str]:
@@ -150,9 +151,14 @@ def make_grounder(spec: str, config: GroundingConfig, device: str | None = None)
 # --- results store ------------------------------------------------------------------------
 
 
+# Raised whenever stored rows of an earlier release would no longer be what this one computes
+# (2: the authors' metric definitions, the model's own input range and single-threaded runs).
+RESULTS_VERSION = 2
+
+
 def sample_key(sample_id: str, config_hash: str, model: str, weights: str = "") -> str:
     """The store's primary key; ``weights`` is :attr:`Grounder.weights_digest`."""
-    text = f"{sample_id}|{config_hash}|{model}" + (f"|{weights}" if weights else "")
+    text = f"{sample_id}|{config_hash}|{model}" + (f"|{weights}" if weights else "") + f"|v{RESULTS_VERSION}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -414,6 +420,37 @@ def evaluate(
     return EvaluationReport(out, succeeded, failed_n, skipped, summary, results)
 
 
+def compute_environment(config: GroundingConfig, device=None) -> dict:
+    """What the last bits of the results depend on (recorded in ``run.json``).
+
+    On one machine, the same software, device, dtype and ``threads`` give bitwise-identical
+    results in every process; another CPU (its vector instructions), another torch, oneDNN
+    or MKL build, or a GPU can change the last bits (see docs/determinism.md).
+    """
+    import platform
+
+    import torch
+
+    info = {
+        "torch": torch.__version__,
+        "device": str(device or "cpu"),
+        "dtype": config.dtype,
+        "threads": config.threads if config.threads is not None else f"auto ({torch.get_num_threads()})",
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "python": platform.python_version(),
+    }
+    if str(device or "cpu").startswith("cuda") and torch.cuda.is_available():
+        info |= {
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+            "gpu": torch.cuda.get_device_name(torch.device(str(device))),
+            "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        }
+    return info
+
+
 def _class_words(sample: Sample) -> list[str]:
     return [sample.category]
 
@@ -428,6 +465,7 @@ def _write_provenance(out: Path, grounder: Grounder, config: GroundingConfig, da
         "dataset_counts": counts,
         "weights_sha256": grounder.weights_sha256,
         "weights_digest": grounder.weights_digest,
+        "compute": compute_environment(config, getattr(grounder, "device", None)),
     }
     tmp = out / "run.json.tmp"
     tmp.write_text(json.dumps(info, indent=2) + "\n")

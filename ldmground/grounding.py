@@ -14,7 +14,8 @@ stays.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,6 +76,24 @@ class AttentionCache:
     references: tuple[str, ...] = ()
 
 
+@contextmanager
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """Run the block with torch's intra-op CPU thread count at ``n`` (None: unchanged).
+
+    The count decides how some CPU kernels split their sums, so the same count gives the
+    same bits in every process (see ``GroundingConfig.threads``).
+    """
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _as_config(config: GroundingConfig | str | None) -> GroundingConfig:
     if config is None:
         return get_preset("paper")
@@ -95,6 +114,11 @@ def run_attention(
     Returns (recorder store, token selections, geometry, unet_evals, seconds).
     """
     cfg = _as_config(config)
+    with intra_op_threads(cfg.threads):
+        return _run_attention(pipe, image, phrases, cfg, words, keep_maps, progress)
+
+
+def _run_attention(pipe, image, phrases, cfg: GroundingConfig, words, keep_maps: bool, progress: bool):
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     pixels, geo = preprocess(image, pipe.image_size)
@@ -162,7 +186,11 @@ def ground(
     cfg = _as_config(config)
     if isinstance(phrases, str):
         phrases = [phrases]
-    phrases = list(phrases)
+    with intra_op_threads(cfg.threads):
+        return _ground(pipe, image, list(phrases), cfg, words, progress)
+
+
+def _ground(pipe, image, phrases: list[str], cfg: GroundingConfig, words, progress: bool) -> list[GroundingResult]:
     references = list(cfg.reference_phrases) if cfg.contrast else []
     if words is not None and references:
         words = [*words, *([None] * len(references))]
@@ -214,6 +242,11 @@ def pool_maps(
 
     Returns an (H, W) float32 map (before post-processing).
     """
+    with intra_op_threads(cfg.threads):
+        return _pool_maps(maps, cfg, size, layers, steps, token_index)
+
+
+def _pool_maps(maps, cfg: GroundingConfig, size, layers, steps, token_index) -> np.ndarray:
     from .attention import minmax, upsample_map
 
     chosen = []

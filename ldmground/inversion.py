@@ -23,8 +23,28 @@ from .attention import AttentionRecorder
 PredictFn = Callable[[torch.Tensor, int, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
+class IntegerTrailingDDIMScheduler(DDIMScheduler):
+    """DDIM with the grid of the authors' patched ``set_timesteps`` ("trailing" spacing with
+    an integer step ratio): t = T - 1 - k r, r = T // N, every k with t >= 0. For T = 1000
+    and N = 300 that is 334 steps, 999, 996, ..., 0; for N = 100, 999, 989, ..., 9."""
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        total = self.config.num_train_timesteps
+        if not 1 <= num_inference_steps <= total:
+            raise ValueError(f"num_inference_steps must be in 1..{total}, got {num_inference_steps}")
+        self.num_inference_steps = num_inference_steps
+        grid = torch.arange(total - 1, -1, -(total // num_inference_steps), dtype=torch.int64)
+        self.timesteps = grid.to(device)
+
+
 def make_scheduler(scheduler_config: dict, spacing: str | None = None) -> DDIMScheduler:
-    """A DDIMScheduler from any diffusers scheduler config (DDPM, DDIM, PNDM, ... keys)."""
+    """A DDIMScheduler from any diffusers scheduler config (DDPM, DDIM, PNDM, ... keys).
+
+    ``spacing``: diffusers' ``timestep_spacing`` names, or ``"trailing-integer"`` for
+    :class:`IntegerTrailingDDIMScheduler`; None keeps the config's own.
+    """
+    if spacing == "trailing-integer":
+        return IntegerTrailingDDIMScheduler.from_config(dict(scheduler_config), timestep_spacing="trailing")
     overrides = {"timestep_spacing": spacing} if spacing else {}
     return DDIMScheduler.from_config(dict(scheduler_config), **overrides)
 

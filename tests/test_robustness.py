@@ -48,19 +48,16 @@ def _rows(db: Path) -> int:
 
 
 def _assert_same_run(out: Path, ref: Path) -> None:
-    """results.csv (less timings) and summary.csv of two folders agree to 1e-6.
+    """results.csv (less timings) and summary.csv of two folders are identical, bit for bit.
 
-    The runs compare rows computed in different processes: the float32 heatmaps can differ
-    there in the last bit (a CNR of 0.63794214 against 0.63794219 was seen once in a full
-    suite run), while a sample computed with other settings or on another image is off by
-    far more than 1e-6."""
+    The runs compare rows computed in different processes, with other thread settings and
+    shards: grounding pins torch's thread count (``GroundingConfig.threads``), so nothing
+    may differ, not even the last bit of a float (CSV floats are written with 17 digits)."""
     a, b = (pd.read_csv(d / "results.csv").drop(columns="seconds") for d in (out, ref))
     assert len(a) == N_SAMPLES and a["sample_id"].is_unique
     assert list(a["sample_id"]) == list(b["sample_id"])  # data-set order, however it was computed
-    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=0, atol=1e-6)
-    pd.testing.assert_frame_equal(
-        pd.read_csv(out / "summary.csv"), pd.read_csv(ref / "summary.csv"), check_exact=False, rtol=0, atol=1e-6
-    )
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "summary.csv"), pd.read_csv(ref / "summary.csv"), check_exact=True)
 
 
 @pytest.fixture(scope="module")
@@ -179,9 +176,8 @@ def test_accelerate_two_cpu_processes_merge_by_key(four, tmp_path):
         "auto",
         "--quiet",
     ]
-    # torchrun would set OMP_NUM_THREADS=1; fp32 sums then differ from the reference's (~1e-6)
-    threads = str(torch.get_num_threads())
-    env = _env() | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": threads}
+    # torchrun sets OMP_NUM_THREADS=1 of its own; the results must not care
+    env = _env() | {"ACCELERATE_USE_CPU": "1"}
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     # each process computed its own shard; the main one then merged (nothing left to do)
@@ -193,6 +189,57 @@ def test_accelerate_two_cpu_processes_merge_by_key(four, tmp_path):
     assert run.stdout.strip().splitlines()[-1].startswith(f"{N_SAMPLES} succeeded, 0 failed, 0 skipped")
     _assert_same_run(out, ref)
     assert json.loads((out / "run.json").read_text())["model"] == "tiny"
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ldmground.cli", *args]
+
+
+def test_fresh_processes_with_other_threads_and_shards_agree_exactly(four, tmp_path):
+    """One process with OMP_NUM_THREADS=1, unsharded; one with torch's default thread count
+    (this machine's cores) as two worker processes (two shards): both equal the in-process
+    reference bit for bit."""
+    csv, ref = four
+    base = ["evaluate", "--model", "tiny", "--dataset", str(csv), *STEPS, "--quiet"]
+    single = subprocess.run(
+        _cli(*base, "--out", str(tmp_path / "single")),
+        cwd=ROOT,
+        env=_env() | {"OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    default_env = {k: v for k, v in _env().items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    sharded = subprocess.run(
+        _cli(*base, "--out", str(tmp_path / "workers"), "--workers", "2"),
+        cwd=ROOT,
+        env=default_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    # the workers computed everything; the calling process only merged
+    assert sharded.stdout.strip().splitlines()[-1].startswith(f"0 succeeded, 0 failed, {N_SAMPLES} skipped")
+    _assert_same_run(tmp_path / "single", ref)
+    _assert_same_run(tmp_path / "workers", ref)
+    compute = json.loads((tmp_path / "workers" / "run.json").read_text())["compute"]
+    assert compute["threads"] == 1 and compute["dtype"] == "fp32" and compute["torch"] == torch.__version__
+
+
+def test_threads_setting_is_restored_and_auto_leaves_it(tiny_pipe, xray):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        [a] = ldmground.ground(tiny_pipe, xray, "Left effusion", QUICK)
+        assert torch.get_num_threads() == 2
+        [b] = ldmground.ground(tiny_pipe, xray, "Left effusion", QUICK.replace(threads=None))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert QUICK.threads == 1 and QUICK.replace(threads=None).digest() != QUICK.digest()
+    np.testing.assert_array_equal(np.isnan(a.heatmap), np.isnan(b.heatmap))
 
 
 def test_sequential_shards_then_merge(four, tmp_path, capsys):
