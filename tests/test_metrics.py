@@ -98,3 +98,42 @@ def test_oracle_at_a_layer_resolution_keeps_the_box_mass_and_blurs_its_edges():
     assert coarse.sum() == pytest.approx(exact.sum(), rel=0.05)  # averaging and upsampling keep the mass
     y, x = np.unravel_index(coarse.argmax(), coarse.shape)
     assert 10 <= x < 30 and 18 <= y < 30  # its peak still lies in the box
+
+
+def test_cnr_mixed_signs_paper_vs_abs_of_mean():
+    """The authors average the per-box |CNR|; the old definition took |mean of signed CNRs|."""
+    hm = np.zeros((2, 4))
+    hm[:, 0] = 2.0  # box 1 brighter than the rest
+    hm[:, 1] = -2.0  # box 2 darker than the rest (box 1 already blanked)
+    b1, b2 = (0, 0, 1, 2), (1, 0, 1, 2)
+    out1 = np.array([-2, -2, 0, 0, 0, 0.0])
+    c1 = (2 - out1.mean()) / np.sqrt(out1.var())
+    # box 2: inside constant -2, outside all zeros: both variances 0 -> NaN -> counts as 0
+    assert cnr(hm, [b1, b2]) == pytest.approx(abs(c1) / 2)
+    hm[0, 3] = 1.0  # give the outside of box 2 some variance: its CNR is negative
+    out2 = np.array([0, 0, 1, 0.0])
+    c2 = (-2 - out2.mean()) / np.sqrt(out2.var())
+    out1 = np.array([-2, -2, 0, 0, 1, 0.0])
+    c1 = (2 - out1.mean()) / np.sqrt(out1.var())
+    assert c1 > 0 > c2
+    assert cnr(hm, [b1, b2]) == pytest.approx((abs(c1) + abs(c2)) / 2)
+    assert cnr(hm, [b1, b2], signed=True) == pytest.approx((c1 + c2) / 2)
+    assert cnr(hm, [b1, b2], variant="abs-of-mean") == pytest.approx(abs(c1 + c2) / 2)
+    with pytest.raises(ValueError, match="abs-of-mean"):
+        cnr(hm, [b1], variant="mean")
+
+
+def test_miou_keeps_box_pixels_in_the_padding():
+    """The authors' ground truth is the box on the whole image, NaN padding included."""
+    hm = np.ones((4, 4))
+    hm[:, 2:] = np.nan
+    box = (0, 0, 4, 4)  # half of it in the padding, never predicted
+    assert miou(hm, [box]) == pytest.approx(0.5)
+    assert miou(hm, [box], field_of_view_only=True) == pytest.approx(1.0)
+
+
+def test_binned_auc_one_class_is_one_half_like_torcheval():
+    hm = np.full((3, 3), 0.5)
+    hm[:, 2] = np.nan
+    assert auc_roc(hm, [(2, 0, 1, 3)], binned=True) == 0.5  # the box lies in the padding
+    assert np.isnan(auc_roc(hm, [(2, 0, 1, 3)]))
