@@ -565,6 +565,8 @@ def export_demo(
         "use_attention_mask": True,
         "max_length": 16,
         "text_sink": cfg.text_sink,
+        "input_range": [-1.0, 1.0],  # train_demo feeds the VAE 2x - 1
+        "default_preset": "demo",
         "text_encoder": "minilm",
         "training": {**asdict(cfg), "unet_steps_done": steps_done, **notes},
     }

@@ -21,6 +21,7 @@ import gzip
 import hashlib
 import json
 import logging
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -49,6 +50,10 @@ class GroundingPipeline:
         use_attention_mask: pass the text padding mask to the UNet (no attention to pads).
         text_sink: prepend the empty phrase's token states to every phrase (see
             :func:`encode_phrases`); the model must have been trained that way.
+        input_range: (low, high): the intensities the VAE was trained on, to which the
+            [0, 1] image is mapped linearly: ``(0, 1)`` for the MONAI chest X-ray bundle,
+            ``(-1, 1)`` for Stable Diffusion and the demo model. Part of the model's contract,
+            recorded in its folder's ``ldmground.json``.
         spec: how the pipeline was named (recorded with results).
         weight_files: weights files read, for provenance hashes.
     """
@@ -64,6 +69,7 @@ class GroundingPipeline:
     use_attention_mask: bool = False
     max_length: int = 77
     text_sink: bool = False
+    input_range: tuple[float, float] = (-1.0, 1.0)
     spec: str = ""
     weight_files: list[Path] = field(default_factory=list)
 
@@ -90,8 +96,12 @@ class GroundingPipeline:
 
     @torch.no_grad()
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        """(1, 1, S, S) image in [0, 1] -> scaled latent (posterior mean)."""
-        x = image.to(self.device) * 2 - 1
+        """(1, 1, S, S) image in [0, 1] -> scaled latent (posterior mean); the image is
+        mapped to the model's ``input_range`` first."""
+        low, high = self.input_range
+        x = image.to(self.device)
+        if (low, high) != (0.0, 1.0):
+            x = x * (high - low) + low
         if self.image_channels != x.shape[1]:
             x = x.repeat(1, self.image_channels, 1, 1)
         return self.vae.encode(x).latent_dist.mean * self.scaling_factor
@@ -365,6 +375,7 @@ def _load_folder(source: str | Path, text_encoder: str | None, spec: str) -> Gro
     info["max_length"] = int(extra.get("max_length", info["max_length"]))
     info["use_attention_mask"] = bool(extra.get("use_attention_mask", info["use_attention_mask"]))
     info["text_sink"] = bool(extra.get("text_sink", False))
+    info["input_range"] = _input_range(extra, path / PIPELINE_FILE if local else f"{source} ({PIPELINE_FILE})")
     files = sorted(path.glob("*/*.safetensors")) if local else []
     return GroundingPipeline(
         vae=vae,
@@ -379,6 +390,26 @@ def _load_folder(source: str | Path, text_encoder: str | None, spec: str) -> Gro
         weight_files=files,
         **info,
     )
+
+
+def _input_range(meta: dict, where) -> tuple[float, float]:
+    """The folder's ``input_range``; without one, [-1, 1] (what ldmground assumed before
+    0.2, and Stable Diffusion's range) with a warning that names the file."""
+    if "input_range" not in meta:
+        warnings.warn(
+            f"{where} has no 'input_range'; assuming the VAE takes images in [-1, 1] (Stable Diffusion's range). "
+            "A MONAI chest X-ray bundle takes [0, 1]: reconvert it with `ldmground convert-monai`, or add "
+            '"input_range": [0, 1] to the file.',
+            stacklevel=3,
+        )
+        return (-1.0, 1.0)
+    try:
+        low, high = (float(v) for v in meta["input_range"])
+    except (TypeError, ValueError):
+        raise LdmGroundError(f"{where}: 'input_range' must be two numbers, got {meta['input_range']!r}") from None
+    if not high > low:
+        raise LdmGroundError(f"{where}: 'input_range' must be [low, high] with high > low, got {meta['input_range']!r}")
+    return (low, high)
 
 
 def write_model_folder(out_dir: str | Path, unet, vae, scheduler_config: dict, meta: dict) -> Path:
@@ -404,6 +435,7 @@ def save_pipeline(pipe: GroundingPipeline, out_dir: str | Path, text_encoder: st
         "use_attention_mask": pipe.use_attention_mask,
         "max_length": pipe.max_length,
         "text_sink": pipe.text_sink,
+        "input_range": list(pipe.input_range),
         "text_encoder": text_encoder,
     }
     out = write_model_folder(out_dir, pipe.unet, pipe.vae, pipe.scheduler_config, meta)
