@@ -110,7 +110,7 @@ def run_bare(pipe, image, cfg, counter) -> dict:
     from ldmground.inversion import ddim_invert, make_scheduler
 
     start = time.perf_counter()
-    pixels, _ = preprocess(image, pipe.image_size)
+    pixels, _ = preprocess(image, pipe.image_size, cfg.resize)
     latent = pipe.encode_image(torch.from_numpy(pixels)[None, None].to(pipe.device))
     uncond, _ = pipe.encode_text([""])
     states, _ = pipe.encode_text([PHRASE])
@@ -155,19 +155,18 @@ def run_reference(pipe, image, cfg) -> dict:
     from ldmground.attention import cross_attention_layers, minmax, upsample_map
     from ldmground.grounding import _DTYPES
     from ldmground.heatmap import postprocess, preprocess
-    from ldmground.inversion import make_scheduler, split_prediction
+    from ldmground.inversion import inversion_timesteps, make_scheduler, split_prediction
     from ldmground.tokens import select_tokens
 
     counter = count_calls(pipe.unet)
     start = time.perf_counter()
-    pixels, _ = preprocess(image, pipe.image_size)
+    pixels, _ = preprocess(image, pipe.image_size, cfg.resize)
     latent = pipe.encode_image(torch.from_numpy(pixels)[None, None].to(pipe.device))
     uncond, _ = pipe.encode_text([""])
     states, _ = pipe.encode_text([PHRASE])
     ctx = torch.cat([uncond, states])
-    sched = make_scheduler(pipe.scheduler_config)
-    ratio = sched.config.num_train_timesteps // cfg.num_inference_steps
-    grid = list(range(0, sched.config.num_train_timesteps, ratio))
+    sched = make_scheduler(pipe.scheduler_config, cfg.timestep_spacing)
+    grid = inversion_timesteps(sched, cfg.num_inference_steps)  # the whole walk, as the reference takes it
     alphas = sched.alphas_cumprod.to(pipe.device)
     sink: list = []
     steps: list[list] = []

@@ -16,6 +16,7 @@ Spacing = Literal["leading", "trailing", "linspace", "trailing-integer"]
 TokenChoice = Literal["phrase", "class"]
 Pooling = Literal["mean", "max", "median"]
 Resize = Literal["resize-crop", "crop-resize"]
+BlurMode = Literal["reflect", "nearest"]
 InversionStep = Literal["ddim", "lagged"]
 
 # MS-CXR's eight finding categories, spelled as in its CSV (the phantom set's too,
@@ -36,7 +37,7 @@ _CONTRAST_FIELDS = ("contrast", "reference_phrases")
 # Later fields, left out of ``to_dict`` while they hold the value that reproduces what
 # ldmground computed before they existed (so those settings keep their digests; ``threads``
 # changes only last bits, and the results store's key carries a version of its own).
-_LEGACY_VALUES = {"resize": "crop-resize", "inversion_step": "ddim", "threads": 1}
+_LEGACY_VALUES = {"resize": "crop-resize", "inversion_step": "ddim", "threads": 1, "blur_mode": "nearest"}
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,9 @@ class GroundingConfig:
         pooling: how the (layer, timestep) maps are combined.
         sigma: Gaussian blur in pixels of a 512-px model input (scaled with the input size);
             0 disables it.
+        blur_mode: how the blur extends the map past its border (``scipy.ndimage`` modes):
+            ``"reflect"``, the authors' (``gaussian_filter``'s default), or ``"nearest"``
+            (this project's before 0.2, and the demo preset's).
         otsu: binary Otsu threshold (multi-Otsu, 2 classes) and multiply by the mask.
         seed: seed for every random choice (none in the deterministic inversion path).
         dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast for the UNet.
@@ -104,6 +108,7 @@ class GroundingConfig:
     normalize_maps: bool = True
     pooling: Pooling = "mean"
     sigma: float = 2.5
+    blur_mode: BlurMode = "reflect"
     otsu: bool = True
     seed: int = 0
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -127,6 +132,8 @@ class GroundingConfig:
         object.__setattr__(self, "reference_phrases", (refs,) if isinstance(refs, str) else tuple(refs))
         if self.resize not in ("resize-crop", "crop-resize"):
             raise ValueError(f"resize must be 'resize-crop' or 'crop-resize', got {self.resize!r}")
+        if self.blur_mode not in ("reflect", "nearest"):
+            raise ValueError(f"blur_mode must be 'reflect' or 'nearest', got {self.blur_mode!r}")
         if self.inversion_step not in ("ddim", "lagged"):
             raise ValueError(f"inversion_step must be 'ddim' or 'lagged', got {self.inversion_step!r}")
         if self.threads is not None and self.threads < 1:
@@ -191,7 +198,7 @@ PRESETS: dict[str, GroundingConfig] = {
     # resize-then-crop and DDIM inverse step.
     "paper": GroundingConfig(),
     # The same recipe on 50 steps: a quick look, not the paper's numbers.
-    "fast": GroundingConfig(num_inference_steps=50, timestep_spacing="leading"),
+    "fast": GroundingConfig(num_inference_steps=50),
     # The authors' re-run of the method as the "LDM (frozen)" baseline of their follow-up
     # (Vilouras et al., MIDL 2026, Table 1): 100 steps, window [0.4, 0.6) -> step indices
     # 40..59, on the authors' grid t = 10 k + 9 -> t = 409..599; everything else as ``paper``.
@@ -210,6 +217,7 @@ PRESETS: dict[str, GroundingConfig] = {
         otsu=True,
         contrast=0.8,
         resize="crop-resize",
+        blur_mode="nearest",
     ),
 }
 

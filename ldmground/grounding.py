@@ -121,7 +121,7 @@ def run_attention(
 def _run_attention(pipe, image, phrases, cfg: GroundingConfig, words, keep_maps: bool, progress: bool):
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    pixels, geo = preprocess(image, pipe.image_size)
+    pixels, geo = preprocess(image, pipe.image_size, cfg.resize)
     # Class-name words restrict the tokens only when the config asks for it.
     if cfg.tokens != "class" or words is None:
         words = [None] * len(phrases)
@@ -158,6 +158,7 @@ def _run_attention(pipe, image, phrases, cfg: GroundingConfig, words, keep_maps:
             recorder=recorder,
             autocast_dtype=_DTYPES[cfg.dtype],
             progress=progress,
+            step=cfg.inversion_step,
         )
     return recorder.store, selections, geo, result.unet_evals, time.perf_counter() - start
 

@@ -1,7 +1,10 @@
-"""From recorded attention to a heatmap on the original image: pure numpy / scikit-image.
+"""From an X-ray file to the model input, and from recorded attention to a heatmap on it.
+
+Numpy, SciPy and scikit-image, and torch's ``interpolate`` for the authors' resize.
 
 Frames:
-* *model frame*: the S x S model input (short side resized to S, centre crop);
+* *model frame*: the S x S model input (short side resized to S and centre crop, or the
+  other way round: :class:`Geometry`);
 * *original frame*: the image as stored, W x H pixels. :class:`Geometry` maps boxes into
   the model frame and heatmaps back, with NaN where the crop cut the image away.
 """
@@ -13,8 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from skimage.filters import gaussian, threshold_multiotsu
+from scipy.ndimage import gaussian_filter
+from skimage.filters import threshold_multiotsu
 
 from .config import GroundingConfig
 from .errors import LdmGroundError
@@ -24,40 +30,77 @@ Box = tuple[float, float, float, float]  # (x, y, w, h) in pixels
 
 @dataclass(frozen=True)
 class Geometry:
-    """Short-side resize to ``size`` followed by a centre crop of ``size`` x ``size``.
+    """How an X-ray becomes the S x S model input, and how maps and boxes move between frames.
+
+    ``resize="resize-crop"`` (the authors'): the short side is resized to S (the long side
+    to ``int(S * long / short)``, as torchvision's ``Resize(S)``), then a centre crop starts at
+    ``L // 2 - S // 2`` of the resized long side L (MONAI's ``CenterSpatialCrop``).
+    ``resize="crop-resize"``: the centre square of the original, starting at
+    ``floor(margin / 2)``, resized to S.
+    Either way a model-frame heatmap goes back by a nearest resize to the short side and NaN
+    padding, ``floor(margin / 2)`` before and the rest after (the authors' evaluation).
 
     Attributes:
         width, height: original image size in pixels.
         size: model input side S in pixels.
+        resize: ``"resize-crop"`` or ``"crop-resize"`` (see ``GroundingConfig.resize``).
     """
 
     width: int
     height: int
     size: int
+    resize: str = "resize-crop"
 
     @property
     def short(self) -> int:
         return min(self.width, self.height)
 
     @property
+    def resized(self) -> tuple[int, int]:
+        """(width, height) after the short-side resize of ``"resize-crop"``."""
+        if self.width <= self.height:
+            return self.size, int(self.size * self.height / self.width)
+        return int(self.size * self.width / self.height), self.size
+
+    @property
+    def crop_start(self) -> tuple[int, int]:
+        """(x, y) of the crop's first pixel: in resized pixels for ``"resize-crop"``, in
+        original pixels for ``"crop-resize"``."""
+        if self.resize == "resize-crop":
+            rw, rh = self.resized
+            return rw // 2 - self.size // 2, rh // 2 - self.size // 2
+        return (self.width - self.short) // 2, (self.height - self.short) // 2
+
+    @property
+    def scales(self) -> tuple[float, float]:
+        """(x, y) model pixels per original pixel."""
+        if self.resize == "resize-crop":
+            rw, rh = self.resized
+            return rw / self.width, rh / self.height
+        return self.scale, self.scale
+
+    @property
     def scale(self) -> float:
-        """Model pixels per original pixel."""
+        """Model pixels per original pixel along the short side."""
         return self.size / self.short
 
     @property
     def crop_origin(self) -> tuple[float, float]:
         """(x, y) of the crop's top-left corner in original pixels."""
-        return (self.width - self.short) / 2, (self.height - self.short) / 2
+        (cx, cy), (sx, sy) = self.crop_start, self.scales
+        if self.resize == "resize-crop":
+            return cx / sx, cy / sy
+        return float(cx), float(cy)
 
     def box_to_model(self, box: Box) -> Box | None:
         """Box in model pixels, clipped to the crop; None when it lies wholly outside."""
-        ox, oy = self.crop_origin
+        (ox, oy), (sx, sy) = self.crop_origin, self.scales
         x0, y0 = max(box[0], ox), max(box[1], oy)
-        x1, y1 = min(box[0] + box[2], ox + self.short), min(box[1] + box[3], oy + self.short)
+        x1 = min(box[0] + box[2], ox + self.size / sx)
+        y1 = min(box[1] + box[3], oy + self.size / sy)
         if x1 <= x0 or y1 <= y0:
             return None
-        s = self.scale
-        return ((x0 - ox) * s, (y0 - oy) * s, (x1 - x0) * s, (y1 - y0) * s)
+        return ((x0 - ox) * sx, (y0 - oy) * sy, (x1 - x0) * sx, (y1 - y0) * sy)
 
     def boxes_to_model(self, boxes) -> list[Box]:
         """:meth:`box_to_model` of each box, leaving out those wholly outside the crop."""
@@ -66,16 +109,28 @@ class Geometry:
     def to_original(self, heatmap: np.ndarray) -> np.ndarray:
         """Map an (S, S) model-frame heatmap to (H, W), NaN outside the crop.
 
-        Nearest-neighbour resize to the short side, then NaN padding (floor on the
-        top/left, ceil on the bottom/right), as in the paper's evaluation.
+        Nearest-neighbour resize to the short side (source index ``floor(i * S / short)`` in
+        float32, as ``torch.nn.functional.interpolate(mode="nearest")`` computes it), then
+        NaN padding: ``floor(margin / 2)`` on the top/left, the rest on the bottom/right.
         """
         short = self.short
-        idx = np.minimum((np.arange(short) * self.size / short).astype(int), self.size - 1)
+        idx = _nearest_index(self.size, short)
         square = heatmap[np.ix_(idx, idx)].astype(np.float32)
         out = np.full((self.height, self.width), np.nan, dtype=np.float32)
         top, left = (self.height - short) // 2, (self.width - short) // 2
         out[top : top + short, left : left + short] = square
         return out
+
+
+def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """Source indices of a nearest resize from ``n_in`` to ``n_out`` samples, in torch's
+    float32 arithmetic (exact copies for equal sizes and for an exact doubling)."""
+    if n_out == n_in:
+        return np.arange(n_out)
+    if n_out == 2 * n_in:
+        return np.arange(n_out) >> 1
+    scale = np.float32(n_in) / np.float32(n_out)
+    return np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64), n_in - 1)
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -124,8 +179,12 @@ def _load_dicom(path: Path) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-def preprocess(image: np.ndarray, size: int) -> tuple[np.ndarray, Geometry]:
-    """The paper's transform: [0, 1] grayscale, short side to ``size``, centre crop.
+def preprocess(image: np.ndarray, size: int, resize: str = "resize-crop") -> tuple[np.ndarray, Geometry]:
+    """The model input: [0, 1] grayscale, S x S, by the ``resize`` method of :class:`Geometry`.
+
+    ``"resize-crop"`` resizes with bilinear interpolation without antialiasing
+    (``torch.nn.functional.interpolate``, which torchvision's tensor ``Resize`` calls);
+    ``"crop-resize"`` with PIL's antialiased bilinear filter.
 
     Args:
         image: (H, W) float in [0, 1].
@@ -134,17 +193,23 @@ def preprocess(image: np.ndarray, size: int) -> tuple[np.ndarray, Geometry]:
     """
     if image.ndim != 2:
         raise LdmGroundError(f"expected a 2-D grayscale image, got shape {image.shape}")
+    if resize not in ("resize-crop", "crop-resize"):
+        raise LdmGroundError(f"unknown resize method {resize!r}; use 'resize-crop' or 'crop-resize'")
     h, w = image.shape
-    geo = Geometry(width=w, height=h, size=size)
+    geo = Geometry(width=w, height=h, size=size, resize=resize)
     if min(h, w) < size:
         warnings.warn(f"image {w}x{h} is smaller than the model input {size}; it is upsampled", stacklevel=2)
-    ox, oy = geo.crop_origin
-    # Crop the square first, then resize it: the same pixels as resize-then-crop.
-    top, left = int(round(oy)), int(round(ox))
-    square = image[top : top + geo.short, left : left + geo.short]
-    im = Image.fromarray(np.ascontiguousarray(square, dtype=np.float32))
-    resized = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
-    return np.clip(resized, 0, 1), geo
+    left, top = geo.crop_start
+    if resize == "resize-crop":
+        rw, rh = geo.resized
+        t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+        resized = F.interpolate(t, size=(rh, rw), mode="bilinear", align_corners=False, antialias=False)
+        out = resized[0, 0, top : top + size, left : left + size].numpy()
+    else:
+        square = np.ascontiguousarray(image[top : top + geo.short, left : left + geo.short], dtype=np.float32)
+        im = Image.fromarray(square)
+        out = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+    return np.clip(out, 0, 1), geo
 
 
 def minmax(x: np.ndarray) -> np.ndarray:
@@ -170,7 +235,7 @@ def postprocess(heatmap: np.ndarray, config: GroundingConfig) -> np.ndarray:
         inner_min = hm[b:-b, b:-b].min()
         hm[:b, :], hm[-b:, :], hm[:, :b], hm[:, -b:] = inner_min, inner_min, inner_min, inner_min
     if config.sigma > 0:
-        hm = gaussian(hm, sigma=config.sigma * size / 512, mode="nearest", preserve_range=True)
+        hm = gaussian_filter(hm, sigma=config.sigma * size / 512, mode=config.blur_mode)
     hm = minmax(hm)
     if config.otsu and hm.max() > hm.min():
         try:

@@ -99,6 +99,7 @@ def ddim_invert(
     autocast_dtype: torch.dtype | None = None,
     keep_trajectory: bool = False,
     progress: bool = False,
+    step: str = "ddim",
 ) -> InversionResult:
     """Invert ``latent`` with DDIM, evaluating the phrases only at ``read_steps``.
 
@@ -115,9 +116,15 @@ def ddim_invert(
             False walks all N steps (a full inversion).
         autocast_dtype: run the UNet under CPU/GPU autocast in this dtype.
         progress: show a progress bar over the steps (for slow, full-size models).
+        step: ``"ddim"``: from the prediction at (x, t_i), the DDIM inverse step to t_{i+1}.
+            ``"lagged"``: the step the authors define but do not bind (see
+            ``GroundingConfig.inversion_step``): the prediction at t_i is read as if x were
+            at level t_i - r (r = T // N; alpha 1 below 0), and x moves to level t_i.
     """
     from tqdm.auto import tqdm
 
+    if step not in ("ddim", "lagged"):
+        raise ValueError(f"unknown inversion step {step!r}; use 'ddim' or 'lagged'")
     ts = inversion_timesteps(scheduler, num_steps)
     read = set(read_steps)
     last = max(read) if (read and stop_after_last_read) else len(ts) - 1
@@ -150,8 +157,14 @@ def ddim_invert(
             recorder.active = False
         if i == len(ts) - 1 or (stop_after_last_read and i == last and read):
             break
-        a_next = alphas[ts[i + 1]]
-        x0, eps = split_prediction(out[:1].float(), x, alphas[t], ptype)
+        if step == "lagged":
+            before = t - scheduler.config.num_train_timesteps // num_steps
+            a_here = alphas[before] if before >= 0 else torch.ones((), device=alphas.device)
+            x0, eps = split_prediction(out[:1].float(), x, a_here, ptype)
+            a_next = alphas[t]
+        else:
+            x0, eps = split_prediction(out[:1].float(), x, alphas[t], ptype)
+            a_next = alphas[ts[i + 1]]
         x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
         if keep_trajectory:
             trajectory.append(x)

@@ -97,3 +97,39 @@ def test_load_dicom(tmp_path):
     assert img.shape == (4, 4)
     assert img[0, 0] == pytest.approx(1.0) and img[3, 3] == pytest.approx(0.0)  # MONOCHROME1 inverted
     assert pydicom is not None
+
+
+def test_resize_crop_geometry_matches_torchvision_and_monai_rules():
+    """Short side to S, long side int(S * long / short); crop at L // 2 - S // 2 (MONAI)."""
+    geo = Geometry(width=2544, height=3056, size=512)
+    assert geo.resized == (512, int(512 * 3056 / 2544)) == (512, 615)
+    assert geo.crop_start == (0, 615 // 2 - 256) == (0, 51)
+    assert geo.crop_origin == pytest.approx((0.0, 51 * 3056 / 615))
+    odd = Geometry(width=613, height=540, size=512, resize="crop-resize")
+    assert odd.crop_start == (36, 0)  # floor(73 / 2): the same side the map is padded back on
+    out = odd.to_original(np.ones((512, 512), dtype=np.float32))
+    assert np.isnan(out[:, :36]).all() and np.isfinite(out[:, 36:576]).all() and np.isnan(out[:, 576:]).all()
+
+
+@pytest.mark.parametrize("short", [256, 300, 512, 1024, 2544, 3000])
+def test_to_original_nearest_index_equals_torch(short):
+    import torch
+    import torch.nn.functional as F
+
+    geo = Geometry(width=short, height=short + 7, size=512)
+    hm = np.arange(512 * 512, dtype=np.float32).reshape(512, 512)
+    want = F.interpolate(torch.from_numpy(hm)[None, None], size=(short, short), mode="nearest")[0, 0].numpy()
+    got = geo.to_original(hm)
+    np.testing.assert_array_equal(got[3 : 3 + short], want)
+
+
+def test_preprocess_methods_differ_when_downsampling():
+    rng = np.random.default_rng(0)
+    big = rng.random((600, 500)).astype(np.float32)
+    a, ga = preprocess(big, 100, "resize-crop")
+    b, gb = preprocess(big, 100, "crop-resize")
+    assert a.shape == b.shape == (100, 100)
+    assert np.abs(a - b).mean() > 0.05  # no antialiasing: the noise survives the 5x downsampling
+    assert a.std() > 2 * b.std()
+    with pytest.raises(LdmGroundError, match="resize method"):
+        preprocess(big, 100, "crop")
