@@ -19,6 +19,12 @@ def _threads(text: str) -> int | None:
     return None if text == "auto" else int(text)
 
 
+def _int_levels(text: str) -> int | tuple[int, ...]:
+    """'2' -> 2 (every level); '1,4,2' -> (1, 4, 2) (one per level)."""
+    parts = [int(x) for x in text.split(",")]
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
 def _window(text: str) -> tuple[float, float]:
     a, b = (float(v) for v in text.split(","))
     return a, b
@@ -135,7 +141,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         codes = _run_workers(args)
         crashed = [c for c in codes if c not in (0, 1)]
         if crashed:
-            print(f"warning: {len(crashed)} worker(s) ended with {crashed}; this process computes what is left", file=sys.stderr)
+            print(
+                f"warning: {len(crashed)} worker(s) ended with {crashed}; this process computes what is left",
+                file=sys.stderr,
+            )
     state = None
     if args.shard == "auto":
         from accelerate import PartialState
@@ -146,7 +155,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         shard, device = parse_shard(args.shard), args.device
     grounder = make_grounder(args.model, cfg, device)
-    common = dict(split=args.split, limit=args.limit, progress=not args.quiet)
+    from .datasets.mscxr import read_sample_ids
+
+    ids = read_sample_ids(args.ids) if args.ids else None
+    common = dict(
+        split=args.split, limit=args.limit, progress=not args.quiet, prompt_column=args.prompt_column, sample_ids=ids
+    )
     report = evaluate(
         grounder,
         args.dataset,
@@ -192,7 +206,21 @@ def cmd_make_phantom(args: argparse.Namespace) -> int:
 def cmd_convert_monai(args: argparse.Namespace) -> int:
     from .convert_monai import convert_monai
 
-    out = convert_monai(args.bundle_dir, args.out_dir, text_encoder=args.text_encoder)
+    out = convert_monai(
+        args.bundle_dir,
+        args.out_dir,
+        text_encoder=args.text_encoder,
+        norm_num_groups=args.norm_groups,
+        norm_eps=args.norm_eps,
+        heads=args.heads,
+        num_head_channels=args.num_head_channels,
+        scale_factor=args.scale_factor,
+        num_train_timesteps=args.num_train_timesteps,
+        beta_schedule=args.beta_schedule,
+        beta_start=args.beta_start,
+        beta_end=args.beta_end,
+        prediction_type=args.prediction_type,
+    )
     print(f"wrote diffusers model folder {out}")
     return 0
 
@@ -221,11 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ground)
 
     p = sub.add_parser("evaluate", help="evaluate on an MS-CXR-format CSV (resumable)")
-    p.add_argument("--model", required=True, help="tiny | demo | centre-prior | random:<spec> | folder | repo id")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="tiny | demo | centre-prior | biovil | biovil-t (or biovil[-t]:<folder> / :random; baselines) | "
+        "random:<spec> | folder | repo id",
+    )
     p.add_argument("--dataset", required=True, help="MS-CXR-format CSV (e.g. data/phantom/test.csv)")
     p.add_argument("--images", help="folder the CSV's 'path' column is relative to (default: the CSV's folder)")
     p.add_argument("--out", required=True, help="results folder; a rerun resumes in it")
     p.add_argument("--split", help="keep only rows of this 'split'")
+    p.add_argument(
+        "--ids",
+        help="evaluate only the samples listed in this file (CSV with sample_id, or dicom_id + label_text; "
+        "or one sample_id per line)",
+    )
+    p.add_argument("--prompt-column", help="ground this CSV column's text instead of label_text (rewritten prompts)")
     p.add_argument("--limit", type=int, help="evaluate only the first N samples")
     p.add_argument("--shard", help="i/n: take one of n deterministic parts; 'auto' under accelerate launch")
     p.add_argument("--retry-failed", action="store_true", help="recompute samples stored as failed")
@@ -258,6 +297,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--text-encoder",
         default="stabilityai/stable-diffusion-2-1-base",
         help="text encoder spec: SD-2.1-base repo id (default), a local copy, tiny, or none",
+    )
+    g = p.add_argument_group(
+        "architecture",
+        "values the weights do not store: read from the bundle's configs/inference.json (the scale factor also "
+        "from scripts/sampler.py) when present, required when it is absent; a given option must agree with the config",
+    )
+    g.add_argument("--norm-groups", type=int, help="GroupNorm groups of both networks (the bundle: 32)")
+    g.add_argument(
+        "--norm-eps", type=float, help="GroupNorm eps of both networks (the bundle: 1e-6, the only one diffusers has)"
+    )
+    g.add_argument(
+        "--heads",
+        type=_int_levels,
+        help="attention heads: one number for every attention level or one per level (the bundle: 1)",
+    )
+    g.add_argument(
+        "--num-head-channels", type=_int_levels, help="instead of --heads: MONAI's channels per head, e.g. 0,512,768"
+    )
+    g.add_argument("--scale-factor", type=float, help="latent scale factor (the bundle: 0.3)")
+    g.add_argument("--num-train-timesteps", type=int, help="diffusion training steps (the bundle: 1000)")
+    g.add_argument(
+        "--beta-schedule",
+        choices=["linear", "scaled_linear", "linear_beta", "scaled_linear_beta"],
+        help="(the bundle: scaled_linear)",
+    )
+    g.add_argument("--beta-start", type=float, help="(the bundle: 0.0015)")
+    g.add_argument("--beta-end", type=float, help="(the bundle: 0.0205)")
+    g.add_argument(
+        "--prediction-type", choices=["epsilon", "v_prediction", "sample"], help="(the bundle: v_prediction)"
     )
     p.set_defaults(func=cmd_convert_monai)
 

@@ -140,9 +140,15 @@ class DiffusionGrounder(Grounder):
 
 
 def make_grounder(spec: str, config: GroundingConfig, device: str | None = None) -> Grounder:
-    """``centre-prior`` or any spec :func:`ldmground.models.load_pipeline` knows."""
+    """``centre-prior``, ``biovil`` / ``biovil-t`` (also ``biovil[-t]:<folder>`` or ``:random``:
+    the BioViL baselines, :mod:`ldmground.biovil`), or any spec
+    :func:`ldmground.models.load_pipeline` knows."""
     if spec == "centre-prior":
         return CentrePriorGrounder()
+    from .biovil import grounder_from_spec, parse_biovil_spec
+
+    if parse_biovil_spec(spec) is not None:
+        return grounder_from_spec(spec, device)
     from .models import load_pipeline
 
     return DiffusionGrounder(load_pipeline(spec, device=device), config)
@@ -355,6 +361,8 @@ def evaluate(
     progress: bool = True,
     on_image_done: Callable[[str], None] | None = None,
     finalize: bool = True,
+    prompt_column: str | None = None,
+    sample_ids: Sequence[str] | None = None,
 ) -> EvaluationReport:
     """Evaluate a model (spec or :class:`Grounder`) on an MS-CXR-format CSV.
 
@@ -367,12 +375,22 @@ def evaluate(
         shard: ``(i, n)``: this process takes the images whose path hash is i mod n.
         retry_failed: recompute samples stored as failed.
         finalize: write results.csv / summary.csv / run.json (the last process does it).
+        prompt_column, sample_ids: see :func:`ldmground.datasets.mscxr.load_mscxr` (a
+            follow-up protocol's rewritten prompts and subset).
     """
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
     size = model.image_size if isinstance(model, Grounder) else None
-    samples, counts = load_mscxr(dataset, images, split=split, crop_size=size or 512, check_files=False)
+    samples, counts = load_mscxr(
+        dataset,
+        images,
+        split=split,
+        crop_size=size or 512,
+        check_files=False,
+        prompt_column=prompt_column,
+        sample_ids=sample_ids,
+    )
     root = Path(images) if images is not None else Path(dataset).parent
     if limit is not None:
         samples = samples[:limit]

@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from ldmground.datasets.mscxr import load_mscxr
+from ldmground.datasets.mscxr import load_mscxr, read_sample_ids
 from ldmground.errors import LdmGroundError
 
 from .helpers import write_dataset
@@ -53,3 +53,29 @@ def test_missing_columns(tmp_path):
     pd.read_csv(csv).drop(columns=["w", "h"]).to_csv(csv, index=False)
     with pytest.raises(LdmGroundError, match=r"lacks column\(s\) \['w', 'h'\]"):
         load_mscxr(csv)
+
+
+def test_prompt_column_and_sample_id_list(tmp_path):
+    csv = write_dataset(tmp_path)
+    df = pd.read_csv(csv)
+    df["prompt"] = "The patient has " + df["category_name"].str.lower()
+    df.to_csv(csv, index=False)
+    samples, _ = load_mscxr(csv)
+    rewritten, _ = load_mscxr(csv, prompt_column="prompt")
+    assert [s.sample_id for s in rewritten] == [s.sample_id for s in samples]  # ids keep label_text's
+    assert next(s for s in rewritten if s.category == "Edema").phrase == "The patient has edema"
+    # an id list in each accepted form
+    keep = [samples[1].sample_id, samples[3].sample_id]
+    (tmp_path / "ids.txt").write_text("\n".join(keep) + "\n")
+    pairs = pd.DataFrame({"dicom_id": [samples[1].dicom_id], "label_text": [samples[1].phrase]})
+    pairs.to_csv(tmp_path / "pairs.csv", index=False)
+    assert [s.sample_id for s in load_mscxr(csv, sample_ids=read_sample_ids(tmp_path / "ids.txt"))[0]] == keep
+    assert [s.sample_id for s in load_mscxr(csv, sample_ids=read_sample_ids(tmp_path / "pairs.csv"))[0]] == keep[:1]
+    with pytest.raises(LdmGroundError, match=r"1 of 2 listed sample ids match no sample .*d9-"):
+        load_mscxr(csv, sample_ids=[keep[0], "d9-00000000"])
+    with pytest.raises(LdmGroundError, match="no column 'rewritten'"):
+        load_mscxr(csv, prompt_column="rewritten")
+    df.loc[2, "prompt"] = "something else"  # the second box of the edema pair
+    df.to_csv(csv, index=False)
+    with pytest.raises(LdmGroundError, match="'prompt' differs between the boxes"):
+        load_mscxr(csv, prompt_column="prompt")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,12 +83,31 @@ def _sample_id(dicom_id: str, phrase: str) -> str:
     return f"{dicom_id}-{hashlib.sha1(phrase.encode()).hexdigest()[:8]}"
 
 
+def read_sample_ids(path: str | Path) -> list[str]:
+    """Sample ids from a file: a CSV with a ``sample_id`` column, or with ``dicom_id`` and
+    ``label_text`` columns (one row per pair, as MS-CXR spells them), or plain text with one
+    id per line (``<dicom_id>-<8 hex>``, the ``sample_id`` of ``results.csv``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LdmGroundError(f"sample id list not found: {path}")
+    if path.suffix.lower() == ".csv":
+        df = pd.read_csv(path, keep_default_na=False, dtype=str)
+        if "sample_id" in df.columns:
+            return list(df["sample_id"])
+        if {"dicom_id", "label_text"} <= set(df.columns):
+            return [_sample_id(d, t) for d, t in zip(df["dicom_id"], df["label_text"], strict=True)]
+        raise LdmGroundError(f"{path} needs a 'sample_id' column, or 'dicom_id' and 'label_text' columns")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
 def load_mscxr(
     csv_path: str | Path,
     images_root: str | Path | None = None,
     split: str | None = None,
     crop_size: int | None = 512,
     check_files: bool = True,
+    prompt_column: str | None = None,
+    sample_ids: Collection[str] | None = None,
 ) -> tuple[list[Sample], dict[str, int]]:
     """Samples of an MS-CXR-format CSV.
 
@@ -99,12 +119,19 @@ def load_mscxr(
             dropped and samples left with no box are skipped. None keeps every box.
         check_files: verify every image exists before returning; missing ones are one
             error that says how many and lists the first few.
+        prompt_column: ground this column's text instead of ``label_text`` (e.g. the
+            rewritten prompts of a follow-up protocol); it must be the same on every row of a
+            sample. Sample ids stay those of ``label_text``.
+        sample_ids: keep only these samples (see :func:`read_sample_ids`); an id that
+            matches no sample is an error naming it.
 
     Returns:
         (samples in CSV order, counts: rows, samples, duplicate_rows, dropped_boxes,
         skipped_samples).
     """
     df = read_mscxr_csv(csv_path)
+    if prompt_column is not None and prompt_column not in df.columns:
+        raise LdmGroundError(f"{csv_path} has no column {prompt_column!r} (--prompt-column)")
     root = Path(images_root) if images_root is not None else Path(csv_path).parent
     if split is not None:
         if "split" not in df.columns:
@@ -129,12 +156,21 @@ def load_mscxr(
             skipped += 1
             continue
         phrase = "" if pd.isna(phrase) else str(phrase)
+        prompt = phrase
+        if prompt_column is not None:
+            prompts = rows[prompt_column].fillna("").astype(str).unique()
+            if len(prompts) != 1:
+                raise LdmGroundError(
+                    f"{csv_path}: column {prompt_column!r} differs between the boxes of {first['dicom_id']} / "
+                    f"{phrase!r}: {list(prompts)}"
+                )
+            prompt = prompts[0]
         samples.append(
             Sample(
                 sample_id=_sample_id(str(first["dicom_id"]), phrase),
                 dicom_id=str(first["dicom_id"]),
                 category=str(first["category_name"]),
-                phrase=phrase,
+                phrase=prompt,
                 path=str(path),
                 boxes=tuple(boxes),
                 width=width,
@@ -142,6 +178,15 @@ def load_mscxr(
                 split=str(first["split"]) if "split" in rows.columns else "",
             )
         )
+    if sample_ids is not None:
+        wanted = set(sample_ids)
+        unknown = sorted(wanted - {s.sample_id for s in samples})
+        if unknown:
+            raise LdmGroundError(
+                f"{len(unknown)} of {len(wanted)} listed sample ids match no sample of {csv_path} "
+                f"(first: {', '.join(unknown[:5])})"
+            )
+        samples = [s for s in samples if s.sample_id in wanted]
     counts.update(samples=len(samples), dropped_boxes=dropped_boxes, skipped_samples=skipped)
     if check_files:
         missing = [s.path for s in samples if not s.image_path(root).is_file()]
