@@ -39,6 +39,9 @@ class CachedSample:
             name; all tokens when the class name does not occur in the phrase; None when
             the cache kept only the mean over tokens.
         config: the config the cache was recorded with (its N and window).
+        class_span: indices of the authors' attribution tokens
+            (:func:`ldmground.tokens.class_span`); empty when the class name does not occur
+            (then ``tokens="class-span"`` gives no map); None without per-token maps.
     """
 
     sample: Sample
@@ -47,6 +50,12 @@ class CachedSample:
     phrase_index: int
     class_tokens: tuple[int, ...] | None
     config: GroundingConfig
+    class_span: tuple[int, ...] | None = None
+
+    @property
+    def has_class_name(self) -> bool:
+        """Whether the phrase holds a token of the class name (the authors' rule)."""
+        return bool(self.class_span)
 
     @property
     def maps(self) -> dict:
@@ -131,6 +140,7 @@ def cache_samples(
     from tqdm.auto import tqdm
 
     from .grounding import attention_cache
+    from .tokens import class_span
 
     cfg = as_config(config)
     by_image: dict[str, list[Sample]] = {}
@@ -152,7 +162,11 @@ def cache_samples(
         for i, s in enumerate(group):
             cache.maps[i] = reduce(cache.maps[i])
             tokens = class_token_indices(cache.tokens[i], s.category) if keep_tokens else None
-            out[s.sample_id] = CachedSample(s, image, cache, i, tokens, cfg)
+            span = None
+            if keep_tokens:
+                wanted = set(class_span(pipe.tokenizer, s.phrase, s.category, pipe.max_length))
+                span = tuple(k for k, pos in enumerate(cache.tokens[i].positions) if pos in wanted)
+            out[s.sample_id] = CachedSample(s, image, cache, i, tokens, cfg, span)
     return [out[s.sample_id] for s in samples]
 
 
@@ -171,7 +185,8 @@ def heatmap_from_cache(
             ``num_inference_steps`` must be the one the cache was recorded with; a
             ``contrast`` > 0 needs a cache that recorded its reference phrases.
         layers, steps: explicit layer indices / step indices (override the config).
-        tokens: ``"phrase"`` or ``"class"`` (default: ``config.tokens``).
+        tokens: ``"phrase"``, ``"class"`` or ``"class-span"`` (default: ``config.tokens``);
+            ``"class-span"`` without the class name in the phrase gives all-NaN maps.
 
     Returns:
         ((S, S) model-frame heatmap, (H, W) original-frame heatmap with NaN outside the crop).
@@ -186,10 +201,14 @@ def heatmap_from_cache(
     layers = cfg.layers if layers is None else layers
     steps = list(cfg.window_indices()) if steps is None else steps
     token_index = None
-    if (tokens or cfg.tokens) == "class":
+    choice = tokens or cfg.tokens
+    if choice in ("class", "class-span"):
         if cs.class_tokens is None:
-            raise ValueError("this cache kept only the mean over tokens; cache with keep_tokens=True for 'class'")
-        token_index = cs.class_tokens
+            raise ValueError(f"this cache kept only the mean over tokens; cache with keep_tokens=True for {choice!r}")
+        token_index = cs.class_tokens if choice == "class" else cs.class_span
+        if not token_index:  # class-span without the class name: the authors' all-NaN map
+            nan = np.full((cs.cache.image_size,) * 2, np.nan, dtype=np.float32)
+            return nan, cs.cache.geometry.to_original(nan)
     size = cs.cache.image_size
     raw = pool_maps(cs.maps, cfg, (size, size), layers=layers, steps=steps, token_index=token_index)
     if cfg.contrast:
@@ -446,6 +465,50 @@ def aggregation_sweep(
     return sweep(cached, variants, config, progress, "aggregation")
 
 
+def attribution_experiment(
+    cached: Sequence[CachedSample], config: GroundingConfig | str, progress: bool = True
+) -> pd.DataFrame:
+    """The paper's attribution experiment: all phrase tokens against the class name's tokens
+    as the authors select them (``tokens="class-span"``), on the same inversions.
+
+    Returns one row per (sample, ``tokens``) with ``has_class_name``; a phrase without its
+    class name has an all-NaN ``class-span`` map, which the metrics score as the authors'
+    code does (CNR 0, mIoU 0, binned AUC 0.5, exact AUC NaN, pointing 0).
+    """
+    table = sweep(cached, [({"tokens": t}, {"tokens": t}) for t in ("phrase", "class-span")], config, progress)
+    has = {cs.sample.sample_id: cs.has_class_name for cs in cached}
+    return table.assign(has_class_name=table["sample_id"].map(has))
+
+
+def attribution_table(rows: pd.DataFrame, metrics: Sequence[str] = ("cnr", "miou", "auc_roc_binned")) -> pd.DataFrame:
+    """Macro means with 95 % bootstrap intervals of :func:`attribution_experiment` under both
+    treatments of phrases that lack their class name: left out, or scored as no map."""
+    from .report import summary_with_ci
+
+    with_name = rows["has_class_name"]
+    variants = {
+        "all phrase tokens (every pair)": rows["tokens"] == "phrase",
+        "all phrase tokens (pairs naming their class)": (rows["tokens"] == "phrase") & with_name,
+        "class-name tokens, pairs without the name left out": (rows["tokens"] == "class-span") & with_name,
+        "class-name tokens, no map scored as the authors do": rows["tokens"] == "class-span",
+    }
+    out = []
+    for label, pick in variants.items():
+        summary = summary_with_ci(rows[pick].assign(status="ok"), metrics).query("category == 'macro'")
+        for _, r in summary.iterrows():
+            out.append(
+                {
+                    "variant": label,
+                    "metric": r["metric"],
+                    "n": r["n"],
+                    "mean": r["mean"],
+                    "ci_low": r["ci_low"],
+                    "ci_high": r["ci_high"],
+                }
+            )
+    return pd.DataFrame(out)
+
+
 def postprocess_sweep(
     cached: Sequence[CachedSample],
     config: GroundingConfig | str,
@@ -588,53 +651,6 @@ def _join(values: Iterable[int]) -> str:
 
 
 # --- evaluation tables -----------------------------------------------------------------------
-
-
-def results_table(
-    summaries: Mapping[str, pd.DataFrame],
-    metrics: Sequence[str] = ("cnr", "miou", "auc_roc"),
-    reference: pd.DataFrame | None = None,
-) -> pd.DataFrame:
-    """The paper's per-category table: one row per category plus ``macro``.
-
-    Args:
-        summaries: model name -> ``summary.csv`` of :func:`ldmground.evaluation.evaluate`.
-        metrics: which means to show; mIoU is shown in %, as in the paper.
-        reference: long table of published numbers (``ldmground.reference.PAPER_TABLE``):
-            its methods are added as columns ``<method> cnr`` / ``<method> miou``.
-
-    Returns:
-        DataFrame indexed by category, columns ``"<model> <metric>"``, and ``n``.
-    """
-    frames = []
-    order: list[str] = []
-    for name, summ in summaries.items():
-        s = summ.set_index("category")
-        s = s.drop(index=[i for i in ("all",) if i in s.index])
-        cols = {f"{m}_mean": f"{name} {m}" for m in metrics if f"{m}_mean" in s.columns}
-        part = s[list(cols)].rename(columns=cols)
-        for c in part.columns:
-            if c.endswith(" miou"):
-                part[c] = part[c] * 100
-        if not frames:
-            part.insert(0, "n", s["n"])
-        frames.append(part)
-        order += [c for c in s.index if c not in order]
-    table = pd.concat(frames, axis=1)
-    if reference is not None:
-        ref = reference.set_index("category")
-        parts = {}
-        for method in reference["method"].unique():
-            rows = ref[ref["method"] == method]
-            parts[f"{method} cnr (paper)"] = rows["cnr"]
-            parts[f"{method} miou (paper)"] = rows["miou"] * 100
-        table = table.join(pd.DataFrame(parts), how="outer")
-        order += [c for c in reference["category"].unique() if c not in order]
-    order = [c for c in order if c != "macro"] + (["macro"] if "macro" in table.index else [])
-    table = table.loc[order]
-    table["n"] = table["n"].astype("Int64")
-    table.index.name = "category"
-    return table
 
 
 def to_markdown(table: pd.DataFrame, digits: int = 2) -> str:

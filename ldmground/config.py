@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Spacing = Literal["leading", "trailing", "linspace", "trailing-integer"]
-TokenChoice = Literal["phrase", "class"]
+TokenChoice = Literal["phrase", "class", "class-span"]
 Pooling = Literal["mean", "max", "median"]
 Resize = Literal["resize-crop", "crop-resize"]
 BlurMode = Literal["reflect", "nearest"]
@@ -57,7 +57,10 @@ class GroundingConfig:
         layers: cross-attention layer indices in the UNet's forward order
             (see :func:`ldmground.attention.cross_attention_layers`); ``None`` means all.
         tokens: ``"phrase"`` averages all tokens of the phrase (no start/end/padding);
-            ``"class"`` keeps only the tokens of the finding's class name when they occur.
+            ``"class"`` keeps only the tokens of the words of the finding's class name, and
+            all phrase tokens (with a note) when none occurs; ``"class-span"`` is the
+            authors' attribution selection (:func:`ldmground.tokens.class_span`), and no map
+            (all NaN) when the class name does not occur.
         normalize_maps: min-max normalise each (layer, timestep) map before pooling.
         pooling: how the (layer, timestep) maps are combined.
         sigma: Gaussian blur in pixels of a 512-px model input (scaled with the input size);

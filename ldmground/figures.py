@@ -19,7 +19,7 @@ from .analysis import summarize_sweep
 from .overlay import overlay
 
 LABELS = {
-    "cnr": "CNR",
+    "cnr": "CNR (abs)",
     "cnr_signed": "CNR (signed)",
     "cnr_union": "CNR (union)",
     "miou": "mIoU",
@@ -85,24 +85,26 @@ def map_grid(panels: Sequence[tuple[str, np.ndarray]], image: np.ndarray | None 
 
 
 def category_bars(
-    summaries: Mapping[str, pd.DataFrame],
-    metrics: Sequence[str] = ("cnr", "miou", "auc_roc"),
+    cis: Mapping[str, pd.DataFrame],
+    metrics: Sequence[str] = ("cnr_signed", "cnr", "miou", "auc_roc_binned"),
     reference: pd.DataFrame | None = None,
     reference_method: str = "LDM frozen",
 ):
-    """Per-category bars (mean, error bar = std over samples), one bar per model.
+    """Per-category bars with 95 % bootstrap intervals, one bar per model.
 
     Args:
-        summaries: model name -> ``summary.csv`` table (``<metric>_mean`` / ``_std``).
-        reference: ``ldmground.reference.PAPER_TABLE``: the published ``reference_method``
-            is drawn as black ticks (CNR and mIoU only).
+        cis: model name -> :func:`ldmground.report.summary_with_ci` table.
+        reference: ``ldmground.reference.PAPER_TABLE``: ``reference_method``'s published
+            signed CNR and mIoU drawn as black ticks on those panels, labelled with the source.
     """
     import matplotlib.pyplot as plt
 
-    names = list(summaries)
+    from .reference import REFERENCE_SOURCES
+
+    names = list(cis)
     cats: list[str] = []
-    for s in summaries.values():
-        cats += [c for c in s["category"] if c not in cats and c != "all"]
+    for s in cis.values():
+        cats += [c for c in s["category"].unique() if c not in cats]
     cats = [c for c in cats if c != "macro"] + ["macro"]
     fig, axes = plt.subplots(
         len(metrics), 1, figsize=(max(6.0, 1.1 * len(cats) + 2), 2.6 * len(metrics)), squeeze=False
@@ -111,17 +113,19 @@ def category_bars(
     x = np.arange(len(cats))
     for ax, m in zip(axes[:, 0], metrics, strict=True):
         for i, name in enumerate(names):
-            s = summaries[name].set_index("category").reindex(cats)
-            mean = s.get(f"{m}_mean", pd.Series(np.nan, index=cats)).to_numpy(float)
-            std = s.get(f"{m}_std", pd.Series(np.nan, index=cats)).to_numpy(float)
-            ax.bar(x + (i - (len(names) - 1) / 2) * width, mean, width, yerr=np.nan_to_num(std), capsize=2, label=name)
-        if reference is not None and m in ("cnr", "miou"):
+            s = cis[name].query("metric == @m").set_index("category").reindex(cats)
+            mean, low, high = (s[c].to_numpy(float) for c in ("mean", "ci_low", "ci_high"))
+            err = np.nan_to_num(np.stack([mean - low, high - mean]))
+            ax.bar(x + (i - (len(names) - 1) / 2) * width, mean, width, yerr=err, capsize=2, label=name)
+        if reference is not None and m in ("cnr_signed", "miou"):
             ref = reference[reference["method"] == reference_method].set_index("category").reindex(cats)
-            ax.scatter(x, ref[m], marker="_", s=300, color="k", zorder=3, label=f"{reference_method} (paper)")
+            label = REFERENCE_SOURCES[reference_method]["label"]
+            ax.scatter(x, ref["cnr" if m == "cnr_signed" else m], marker="_", s=300, color="k", zorder=3, label=label)
         ax.axhline(0, color="0.6", lw=0.8)
         ax.set_ylabel(LABELS.get(m, m))
         ax.set_xticks(x, cats, rotation=20, ha="right", fontsize=8)
     axes[0, 0].legend(fontsize=8, ncols=min(4, len(names) + 1))
+    axes[0, 0].set_title("mean per category and macro mean; error bars: 95 % bootstrap intervals", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -322,13 +326,13 @@ def evaluation_figures(eval_dir: str | Path) -> dict[str, Any]:
 
     eval_dir = Path(eval_dir)
     figs: dict[str, Any] = {}
-    summary = eval_dir / "summaries.csv"
+    summary = eval_dir / "summaries_ci.csv"
     if summary.is_file():
         df = pd.read_csv(summary)
-        summaries = {name: g.drop(columns="model") for name, g in df.groupby("model", sort=False)}
+        cis = {name: g.drop(columns="model") for name, g in df.groupby("model", sort=False)}
         info = eval_dir / "evaluation.json"
         with_paper = info.is_file() and bool(pd.read_json(info, typ="series").get("compare_with_paper", False))
-        figs["evaluation_per_category"] = category_bars(summaries, reference=PAPER_TABLE if with_paper else None)
+        figs["evaluation_per_category"] = category_bars(cis, reference=PAPER_TABLE if with_paper else None)
     if (eval_dir / "examples.csv").is_file():
         figs["qualitative"] = qualitative_grid(load_examples(eval_dir))
     return figs

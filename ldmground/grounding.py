@@ -26,7 +26,7 @@ from .config import GroundingConfig, get_preset
 from .heatmap import Geometry, postprocess, preprocess
 from .inversion import ddim_invert, make_scheduler
 from .models import GroundingPipeline
-from .tokens import TokenSelection, select_tokens
+from .tokens import TokenSelection, class_span, select_tokens
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -94,6 +94,20 @@ def intra_op_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _selection(pipe: GroundingPipeline, phrase: str, words, tokens: str) -> TokenSelection:
+    """The phrase's tokens, restricted to the class name as ``tokens`` says."""
+    if tokens != "class-span" or not words:
+        return select_tokens(pipe.tokenizer, phrase, list(words) if words else None, pipe.max_length)
+    full = select_tokens(pipe.tokenizer, phrase, None, pipe.max_length)
+    span = set(class_span(pipe.tokenizer, phrase, " ".join(words), pipe.max_length))
+    keep = [i for i, pos in enumerate(full.positions) if pos in span]
+    if not keep:  # the authors' code returns no map: the caller gets an all-NaN heatmap
+        note = f"class name {' '.join(words)!r} not in the phrase: no map (the authors' attribution rule)"
+        return TokenSelection((), (), (), full.truncated, (*full.warnings, note))
+    pick = lambda seq: tuple(seq[i] for i in keep)  # noqa: E731
+    return TokenSelection(pick(full.positions), pick(full.words), pick(full.pieces), full.truncated, full.warnings)
+
+
 def _as_config(config: GroundingConfig | str | None) -> GroundingConfig:
     if config is None:
         return get_preset("paper")
@@ -123,12 +137,9 @@ def _run_attention(pipe, image, phrases, cfg: GroundingConfig, words, keep_maps:
     torch.manual_seed(cfg.seed)
     pixels, geo = preprocess(image, pipe.image_size, cfg.resize)
     # Class-name words restrict the tokens only when the config asks for it.
-    if cfg.tokens != "class" or words is None:
+    if cfg.tokens == "phrase" or words is None:
         words = [None] * len(phrases)
-    selections = [
-        select_tokens(pipe.tokenizer, p, list(w) if w else None, pipe.max_length)
-        for p, w in zip(phrases, words, strict=True)
-    ]
+    selections = [_selection(pipe, p, w, cfg.tokens) for p, w in zip(phrases, words, strict=True)]
     device = pipe.device
     latent = pipe.encode_image(torch.from_numpy(pixels)[None, None].to(device))
     uncond, uncond_mask = pipe.encode_text([""])
@@ -143,7 +154,9 @@ def _run_attention(pipe, image, phrases, cfg: GroundingConfig, words, keep_maps:
     recorder = AttentionRecorder(pipe.unet, cfg.layers, normalize=cfg.normalize_maps, keep_maps=keep_maps)
     with recorder:
         offset = pipe.sink_length  # keys before the phrase's own tokens
-        rows = [PhraseRow(1 + i, [offset + p for p in s.positions]) for i, s in enumerate(selections)]
+        # A selection left empty (class-span without the class name) records its first
+        # token only to keep the batch's shape; ground() returns no map for it.
+        rows = [PhraseRow(1 + i, [offset + p for p in (s.positions or (1,))]) for i, s in enumerate(selections)]
         recorder.begin(rows, tuple(latent.shape[-2:]))
         result = ddim_invert(
             predict,
@@ -210,6 +223,12 @@ def _ground(pipe, image, phrases: list[str], cfg: GroundingConfig, words, progre
     background = np.mean([aggregate(n + j) for j in range(len(references))], axis=0) if references else None
     results = []
     for i, (phrase, sel) in enumerate(zip(phrases, selections[:n], strict=True)):
+        if not sel.positions:
+            nan = np.full((size, size), np.nan, dtype=np.float32)
+            results.append(
+                GroundingResult(phrase, geo.to_original(nan), nan, nan, geo, sel, evals, seconds, list(sel.warnings))
+            )
+            continue
         raw = aggregate(i)
         if background is not None:
             raw = raw - cfg.contrast * background

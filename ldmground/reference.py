@@ -1,8 +1,15 @@
-"""Published numbers to compare with: Vilouras et al., Table 1 (MS-CXR-loc, 1043 pairs).
+"""Published numbers to compare with, and where they come from.
 
-``PAPER_TABLE`` is long: one row per (method, category) with ``cnr`` and ``miou`` (a
-fraction, as :func:`ldmground.metrics.miou` returns; the paper prints %). The row
-``category="macro"`` is the paper's "Average" (mean over the eight categories).
+The only per-category table of this method available to the project is the authors'
+follow-up re-run: Vilouras et al., MIDL 2026 ("Anatomy-Grounded Weakly Supervised Prompt
+Tuning for Chest X-ray LDMs"), Table 1, whose "LDM (frozen)" row is this method under another
+protocol (:data:`REFERENCE_SOURCES`). The JBHI paper's own table is not available here, so
+nothing in this project is labelled as its numbers.
+
+``PAPER_TABLE`` is long: one row per (method, category) with ``n`` (the reference's number
+of pairs), ``cnr`` (signed, as MIDL 2026 reports it) and ``miou`` (a fraction, as
+:func:`ldmground.metrics.miou` returns; the paper prints %). The row ``category="macro"`` is
+the table's "Average" (mean over the eight categories).
 """
 
 from __future__ import annotations
@@ -23,6 +30,30 @@ _TABLE = [
     ("Pleural Effusion", 81, (0.88, 16.5), (1.60, 24.5), (1.75, 23.3)),
     ("macro", 1043, (0.93, 22.0), (1.17, 20.2), (1.37, 21.4)),
 ]
+
+_MIDL26 = "Vilouras et al., MIDL 2026, Table 1"
+_SUBSET = "MS-CXR-loc subset (1,043 of 1,162 pairs), rewritten prompts, single run"
+REFERENCE_SOURCES = {
+    "LDM frozen": {
+        "label": "LDM frozen (MIDL 2026 re-run)",
+        "cnr": "CNR (signed)",
+        "source": _MIDL26,
+        "protocol": f"this method with 100 DDIM steps, window [0.4, 0.6) (preset midl26); {_SUBSET}; signed CNR",
+    },
+    "BioViL": {
+        "label": "BioViL (MIDL 2026)",
+        "cnr": "CNR (signed)",
+        "source": _MIDL26,
+        "protocol": f"hi-ml-multimodal's BioViL similarity map; {_SUBSET}; signed CNR",
+    },
+    "BioViL-T": {
+        "label": "BioViL-T (MIDL 2026)",
+        "cnr": "CNR (signed)",
+        "source": _MIDL26,
+        "protocol": f"hi-ml-multimodal's BioViL-T similarity map; {_SUBSET}; signed CNR",
+    },
+}
+"""Per method of :data:`PAPER_TABLE`: a short label, which CNR it reports, source, protocol."""
 
 CATEGORIES = [row[0] for row in _TABLE if row[0] != "macro"]
 """MS-CXR's eight findings, in the paper's order."""

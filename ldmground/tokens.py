@@ -99,3 +99,24 @@ def select_tokens(
             notes.append(f"none of {sorted(wanted)} occurs in the phrase; all phrase tokens kept")
 
     return TokenSelection(tuple(positions), tuple(piece_words), tuple(pieces), truncated, tuple(notes))
+
+
+def class_span(tokenizer, phrase: str, class_name: str, max_length: int | None = None) -> tuple[int, ...]:
+    """Token positions of the authors' attribution experiment (``sampler.py``, Table III).
+
+    Their rule, kept as it is: the phrase's positions whose token id equals any token id of
+    ``class_name`` (start/end tokens left out) are found; the span runs from the first of
+    them up to, but not including, the last (one position when first == last). So for a
+    class name of several tokens the last token is left out, and a class token that occurs
+    again later in the phrase stretches the span. An empty tuple when no class token occurs
+    (the authors' code then returns an all-NaN map).
+    """
+    max_length = int(max_length or tokenizer.model_max_length)
+    ids = tokenizer(phrase, truncation=True, max_length=max_length)["input_ids"]
+    special = set(tokenizer.all_special_ids)
+    wanted = {i for i in tokenizer(class_name)["input_ids"] if i not in special}
+    hits = [pos for pos, i in enumerate(ids) if i in wanted]
+    if not hits:
+        return ()
+    first, last = hits[0], hits[-1]
+    return tuple(range(first, last if last > first else first + 1))

@@ -180,26 +180,16 @@ def test_class_tokens_pick_the_class_words(tiny_pipe):
     assert analysis.class_token_indices(sel, "Pneumothorax") == tuple(range(len(sel.positions)))
 
 
-def test_results_table_with_reference():
-    from ldmground.reference import PAPER_TABLE
+def test_markdown_of_the_comparison_table():
+    from ldmground.report import comparison_table, summary_with_ci
 
-    summ = pd.DataFrame(
-        {
-            "category": ["Edema", "Pneumonia", "macro", "all"],
-            "n": [2, 3, 5, 5],
-            "cnr_mean": [1.0, 2.0, 1.5, 1.6],
-            "miou_mean": [0.1, 0.3, 0.2, 0.22],
-            "auc_roc_mean": [0.6, 0.7, 0.65, 0.66],
-        }
+    results = pd.DataFrame(
+        {"category": ["Edema"] * 3 + ["Pneumonia"] * 2, "status": "ok", "cnr": [1.0, 2.0, 3.0, 0.5, 0.7]}
     )
-    table = analysis.results_table({"m": summ}, reference=PAPER_TABLE)
-    assert table.index[-1] == "macro" and "all" not in table.index
-    assert table.loc["Pneumonia", "m miou"] == pytest.approx(30.0)
-    assert table.loc["Pneumonia", "LDM frozen miou (paper)"] == pytest.approx(21.6)
-    assert table.loc["macro", "BioViL cnr (paper)"] == pytest.approx(1.17)
-    assert len(table) == 9  # eight categories + macro
+    table = comparison_table({"m": summary_with_ci(results, ["cnr"])}, metrics=["cnr"], reference=None)
     md = analysis.to_markdown(table)
-    assert md.splitlines()[0].startswith("| category | n | m cnr")
+    assert md.splitlines()[0] == "| category | m: n | m: CNR (abs) |"
+    assert md.splitlines()[2].startswith("| Edema | 3 | 2.00 [")
 
 
 def test_reference_average_is_the_mean_of_categories():
@@ -340,3 +330,18 @@ def test_the_demo_vae_keeps_a_finding_sized_patch_and_loses_a_speck():
     # contrast (1.06), a one-pixel speck loses it (0.02)
     assert kept_patch > 0.8
     assert kept_speck < 0.3
+
+
+def test_attribution_experiment_both_treatments(cached):
+    rows = analysis.attribution_experiment(cached, analysis.full_window(CFG), progress=False)
+    assert set(rows["tokens"]) == {"phrase", "class-span"} and len(rows) == 2 * len(cached)
+    missing = rows[(rows["tokens"] == "class-span") & ~rows["has_class_name"]]
+    assert len(missing) > 0  # the phantom phrases do not all name their class
+    assert (missing["cnr"] == 0).all() and (missing["miou"] == 0).all() and (missing["auc_roc_binned"] == 0.5).all()
+    table = analysis.attribution_table(rows).set_index(["variant", "metric"])
+    n_named = int(rows.query("tokens == 'phrase'")["has_class_name"].sum())
+    left_out = table.loc[("class-name tokens, pairs without the name left out", "cnr")]
+    scored = table.loc[("class-name tokens, no map scored as the authors do", "cnr")]
+    assert left_out["n"] == n_named and scored["n"] == len(cached)
+    named = rows[(rows["tokens"] == "class-span") & rows["has_class_name"]]
+    assert left_out["mean"] == pytest.approx(named.groupby("category")["cnr"].mean().mean())

@@ -26,7 +26,10 @@ EXPECTED = {
             "feature_selection_step_maps",
         ],
     ),
-    "02_aggregation": (["aggregation.csv", "inversion_steps.csv"], ["aggregation", "aggregation_inversion_steps"]),
+    "02_aggregation": (
+        ["aggregation.csv", "attribution.csv", "inversion_steps.csv"],
+        ["aggregation", "aggregation_inversion_steps"],
+    ),
     "03_postprocessing": (
         ["postprocessing.csv", "thresholds.csv", "contrast.csv"],
         ["postprocessing_sigma", "postprocessing_thresholds", "postprocessing_contrast"],
@@ -34,6 +37,7 @@ EXPECTED = {
     "04_mscxr_evaluation": (
         [
             "summaries.csv",
+            "summaries_ci.csv",
             "results_table.csv",
             "results_table.md",
             "evaluation.json",
@@ -111,8 +115,9 @@ def test_figures_notebook_redraws_every_figure(workdir):
     expected = {f"{f}.png" for _, figs in EXPECTED.values() for f in figs}
     assert {p.name for p in redrawn.glob("*.png")} == expected
     table = pd.read_csv(workdir / "outputs" / "04_mscxr_evaluation" / "results_table.csv", index_col=0)
-    assert table.index[-1] == "macro" and "tiny cnr" in table.columns
-    assert not any("(paper)" in c for c in table.columns)  # the phantom set is not MS-CXR
+    assert table.index[-1] == "macro" and "tiny: CNR (signed)" in table.columns and "tiny: n" in table.columns
+    assert {"tiny: CNR (abs)", "tiny: AUC (5 bins)", "tiny: AUC (exact)"} <= set(table.columns)
+    assert not any("MIDL" in c for c in table.columns)  # the phantom set is not MS-CXR
 
 
 @pytest.mark.slow

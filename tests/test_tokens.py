@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
@@ -67,3 +68,34 @@ def test_long_phrase_truncated_with_warning(clip):
     assert sel.truncated
     assert max(sel.positions) == 75  # 77 tokens: start + 75 + end
     assert "truncated" in sel.warnings[0]
+
+
+def test_class_span_is_the_authors_rule(clip):
+    """First to last matching position, the last one left out (the authors' slice)."""
+    from ldmground.tokens import class_span
+
+    # <s> small right ple ural ef fusion </s>: matches at 3..6 -> span 3, 4, 5 (not 6)
+    assert class_span(clip, "Small right pleural effusion", "Pleural Effusion") == (3, 4, 5)
+    # a class token again later stretches the span over the words between
+    assert class_span(clip, "moderate cardiomegaly with effusion and cardiomegaly", "Cardiomegaly") == tuple(
+        range(2, 13)
+    )
+    assert class_span(clip, "Large left effusion", "Pneumothorax") == ()  # no map then
+    # one matching token: that token alone
+    assert clip.tokenize("consolidation") == ["consolidation</w>"]
+    assert class_span(clip, "New consolidation", "Consolidation") == (2,)
+
+
+def test_ground_class_span_without_the_class_name_gives_no_map(tiny_pipe, xray):
+    from ldmground import ground
+
+    from .helpers import QUICK
+
+    cfg = QUICK.replace(tokens="class-span")
+    found, missing = ground(
+        tiny_pipe, xray, ["right pleural effusion", "left opacity"], cfg, [["Pleural Effusion"]] * 2
+    )
+    assert np.isfinite(found.heatmap).any() and len(found.tokens.positions) == 3
+    assert np.isnan(missing.heatmap).all() and "not in the phrase: no map" in missing.warnings[-1]
+    [alone] = ground(tiny_pipe, xray, ["right pleural effusion"], cfg, [["Pleural Effusion"]])
+    np.testing.assert_allclose(alone.heatmap, found.heatmap, atol=1e-5)  # the empty row changes nothing else
