@@ -137,7 +137,9 @@ def load_image(path: str | Path) -> np.ndarray:
     """Read an X-ray as (H, W) float32 in [0, 1].
 
     Accepts 8- and 16-bit grayscale PNG/JPEG, RGB(A) (converted to luminance) and DICOM
-    (``.dcm``; rescale slope/intercept applied, MONOCHROME1 inverted, min-max scaled).
+    (``.dcm`` or ``.dicom``; rescale slope/intercept applied, then the VOI LUT or the window
+    (Window Center / Width) where the file has one, as pydicom's ``apply_voi_lut`` does it,
+    then min-max scaled, MONOCHROME1 inverted).
     """
     path = Path(path)
     if not path.is_file():
@@ -170,6 +172,7 @@ def _load_dicom(path: Path) -> np.ndarray:
     except Exception as err:  # pydicom raises many types for broken files
         raise LdmGroundError(f"cannot read DICOM {path}: {err}") from err
     arr = arr * float(getattr(ds, "RescaleSlope", 1)) + float(getattr(ds, "RescaleIntercept", 0))
+    arr = _apply_voi_lut(arr, ds, path)
     if arr.ndim == 3:
         arr = arr[..., :3].mean(-1)
     lo, hi = arr.min(), arr.max()
@@ -177,6 +180,26 @@ def _load_dicom(path: Path) -> np.ndarray:
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
         arr = 1.0 - arr
     return arr.astype(np.float32)
+
+
+def _apply_voi_lut(arr: np.ndarray, ds, path: Path) -> np.ndarray:
+    """The VOI LUT Sequence, else the Window Center / Width, of a monochrome image, where present
+    (pydicom's ``apply_voi_lut``, which prefers the LUT); other files pass unchanged."""
+    has_lut = bool(ds.get("VOILUTSequence"))
+    has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
+    monochrome = getattr(ds, "PhotometricInterpretation", "") in ("MONOCHROME1", "MONOCHROME2")
+    if arr.ndim != 2 or not monochrome or not (has_lut or has_window):
+        return arr
+    try:
+        from pydicom.pixels import apply_voi_lut  # pydicom >= 3
+    except ImportError:  # pydicom 2.x
+        from pydicom.pixel_data_handlers.util import apply_voi_lut
+    if has_lut and np.array_equal(arr, np.round(arr)):
+        arr = arr.astype(np.int64)  # a LUT is indexed by integer stored values
+    try:
+        return np.asarray(apply_voi_lut(arr, ds), dtype=np.float64)
+    except Exception as err:  # a malformed LUT or window
+        raise LdmGroundError(f"cannot apply the VOI LUT / window of DICOM {path}: {err}") from err
 
 
 def preprocess(image: np.ndarray, size: int, resize: str = "resize-crop") -> tuple[np.ndarray, Geometry]:

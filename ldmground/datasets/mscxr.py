@@ -44,6 +44,9 @@ class Sample:
         sample_id: stable id: ``<dicom_id>-<8 hex of sha1(label_text)>``.
         boxes: ``(x, y, w, h)`` in original-image pixels, in CSV order.
         width, height: original image size in pixels (from the CSV).
+        problem: why this sample cannot be evaluated (a malformed row of a box-list CSV,
+            naming the file, line and column; its image missing), or "". Evaluation stores
+            the sample as failed with this message. MS-CXR samples always have "".
     """
 
     sample_id: str
@@ -55,6 +58,7 @@ class Sample:
     width: int
     height: int
     split: str = ""
+    problem: str = ""
 
     def image_path(self, root: str | Path) -> Path:
         return Path(root) / self.path
