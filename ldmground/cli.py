@@ -159,7 +159,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     ids = read_sample_ids(args.ids) if args.ids else None
     common = dict(
-        split=args.split, limit=args.limit, progress=not args.quiet, prompt_column=args.prompt_column, sample_ids=ids
+        split=args.split,
+        limit=args.limit,
+        progress=not args.quiet,
+        prompt_column=args.prompt_column,
+        sample_ids=ids,
+        dataset_format=args.dataset_format,
+        prompt_template=args.prompt_template,
+        classes=args.classes,
     )
     report = evaluate(
         grounder,
@@ -248,15 +255,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(p)
     p.set_defaults(func=cmd_ground)
 
-    p = sub.add_parser("evaluate", help="evaluate on an MS-CXR-format CSV (resumable)")
+    p = sub.add_parser("evaluate", help="evaluate on MS-CXR, VinDr-CXR or ChestX-ray8 boxes (resumable)")
     p.add_argument(
         "--model",
         required=True,
         help="tiny | demo | centre-prior | biovil | biovil-t (or biovil[-t]:<folder> / :random; baselines) | "
         "random:<spec> | folder | repo id",
     )
-    p.add_argument("--dataset", required=True, help="MS-CXR-format CSV (e.g. data/phantom/test.csv)")
-    p.add_argument("--images", help="folder the CSV's 'path' column is relative to (default: the CSV's folder)")
+    p.add_argument(
+        "--dataset",
+        required=True,
+        help="the boxes: an MS-CXR-format CSV (e.g. data/phantom/test.csv), VinDr-CXR's annotations_test.csv or "
+        "ChestX-ray8's BBox_List_2017.csv (docs/datasets.md)",
+    )
+    p.add_argument(
+        "--images",
+        help="the images' folder (default: the CSV's folder): MS-CXR's 'path' is relative to it; VinDr-CXR: its "
+        "test/ folder of <image_id>.dicom; ChestX-ray8: the unpacked images/ folder",
+    )
+    p.add_argument(
+        "--dataset-format",
+        choices=["mscxr", "vindr", "chestxray8"],
+        help="the CSV's format (default: detected from its columns)",
+    )
+    p.add_argument(
+        "--prompt-template",
+        help="VinDr-CXR / ChestX-ray8: the phrase of a box class, with {class} (as the CSV writes it) or "
+        "{class_lower} (default: 'The patient has {class}', the authors')",
+    )
+    p.add_argument(
+        "--classes",
+        help="VinDr-CXR / ChestX-ray8: keep only these box classes (comma-separated, as the CSV writes them); "
+        "'authors': the authors' VinDr-CXR selection (8 findings, ILD and Infiltration as Pneumonia)",
+    )
     p.add_argument("--out", required=True, help="results folder; a rerun resumes in it")
     p.add_argument("--split", help="keep only rows of this 'split'")
     p.add_argument(

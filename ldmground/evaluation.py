@@ -1,4 +1,4 @@
-"""Batch evaluation on an MS-CXR-format data set, resumable and shardable.
+"""Batch evaluation on a data set with boxes (MS-CXR, VinDr-CXR, ChestX-ray8), resumable and shardable.
 
 Every finished image is committed at once to ``OUT/results.sqlite`` (SQLite in WAL mode),
 one row per sample, keyed by sample id + config hash + model spec + a digest of the model's
@@ -9,9 +9,10 @@ the rows of this run's (model, weights, config) are exported to ``results.csv`` 
 summarised per category in ``summary.csv``; ``run.json`` records the version, config, model
 spec and the weights' SHA-256.
 
-Per-sample problems (unreadable image, empty phrase, zero-area box, ...) are stored with
-``status="failed"`` and a reason, and the batch goes on. Configuration problems (missing
-columns, unknown model, no image found at all) stop before any compute.
+Per-sample problems (unreadable image, empty phrase, zero-area box, a malformed row of a box
+list, ...) are stored with ``status="failed"`` and a reason, and the batch goes on.
+Configuration problems (missing columns, unknown model, no image found at all) stop before
+any compute.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ import pandas as pd
 from . import __version__
 from .baselines import centre_prior
 from .config import GroundingConfig
-from .datasets.mscxr import Sample, load_mscxr
+from .datasets.loader import detect_format, load_dataset
+from .datasets.mscxr import Sample
 from .errors import LdmGroundError
 from .heatmap import load_image, preprocess
 from .metrics import all_metrics
@@ -249,6 +251,8 @@ def in_shard(path: str, shard: tuple[int, int]) -> bool:
 
 
 def _validate_sample(sample: Sample, grounder: Grounder) -> list[str]:
+    if sample.problem:  # a malformed row or a missing image, found by the reader
+        raise LdmGroundError(sample.problem)
     notes = grounder.check_phrase(sample.phrase)
     for b in sample.boxes:
         if not all(math.isfinite(v) for v in b):
@@ -363,13 +367,18 @@ def evaluate(
     finalize: bool = True,
     prompt_column: str | None = None,
     sample_ids: Sequence[str] | None = None,
+    dataset_format: str | None = None,
+    prompt_template: str | None = None,
+    classes: Sequence[str] | str | None = None,
 ) -> EvaluationReport:
-    """Evaluate a model (spec or :class:`Grounder`) on an MS-CXR-format CSV.
+    """Evaluate a model (spec or :class:`Grounder`) on a data set CSV.
 
     Args:
         model: model spec (``tiny``, ``demo``, ``centre-prior``, ``random:<spec>``, a folder,
             a repo id) or a ready :class:`Grounder`.
-        dataset: the CSV; ``images``: the folder its ``path`` column is relative to.
+        dataset: the CSV (MS-CXR-format, VinDr-CXR's ``annotations_test.csv`` or
+            ChestX-ray8's ``BBox_List_2017.csv``); ``images``: the folder its image paths are
+            relative to.
         out_dir: results folder (created); reruns resume in it.
         limit: evaluate only the first ``limit`` samples (after the split filter).
         shard: ``(i, n)``: this process takes the images whose path hash is i mod n.
@@ -377,19 +386,27 @@ def evaluate(
         finalize: write results.csv / summary.csv / run.json (the last process does it).
         prompt_column, sample_ids: see :func:`ldmground.datasets.mscxr.load_mscxr` (a
             follow-up protocol's rewritten prompts and subset).
+        dataset_format, prompt_template, classes: ``format``, ``template`` and ``classes``
+            of :func:`ldmground.datasets.load_dataset` (the format is detected from the
+            CSV's columns when None; the template and classes are for VinDr-CXR and
+            ChestX-ray8).
     """
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
     size = model.image_size if isinstance(model, Grounder) else None
-    samples, counts = load_mscxr(
+    fmt = dataset_format or detect_format(dataset)
+    samples, counts = load_dataset(
         dataset,
         images,
+        fmt,
+        prompt_template,
         split=split,
         crop_size=size or 512,
         check_files=False,
         prompt_column=prompt_column,
         sample_ids=sample_ids,
+        classes=classes,
     )
     root = Path(images) if images is not None else Path(dataset).parent
     if limit is not None:
@@ -433,7 +450,9 @@ def evaluate(
     if finalize:
         results.drop(columns="key").to_csv(out / "results.csv", index=False)
         summary.to_csv(out / "summary.csv", index=False)
-        _write_provenance(out, grounder, config, dataset, counts)
+        listed = classes if classes is None or isinstance(classes, str | dict) else list(classes)
+        dataset_info = {"format": fmt, "prompt_template": prompt_template, "classes": listed}
+        _write_provenance(out, grounder, config, dataset, counts, dataset_info)
     store.close()
     return EvaluationReport(out, succeeded, failed_n, skipped, summary, results)
 
@@ -473,7 +492,9 @@ def _class_words(sample: Sample) -> list[str]:
     return [sample.category]
 
 
-def _write_provenance(out: Path, grounder: Grounder, config: GroundingConfig, dataset, counts: dict) -> None:
+def _write_provenance(
+    out: Path, grounder: Grounder, config: GroundingConfig, dataset, counts: dict, dataset_info: dict | None = None
+) -> None:
     info = {
         "ldmground_version": __version__,
         "model": grounder.spec,
@@ -481,6 +502,7 @@ def _write_provenance(out: Path, grounder: Grounder, config: GroundingConfig, da
         "config_hash": config.digest(),
         "dataset": str(dataset),
         "dataset_counts": counts,
+        **{f"dataset_{k}": v for k, v in (dataset_info or {}).items()},
         "weights_sha256": grounder.weights_sha256,
         "weights_digest": grounder.weights_digest,
         "compute": compute_environment(config, getattr(grounder, "device", None)),

@@ -8,12 +8,14 @@ class_name, x_min, y_min, x_max, y_max``; ``No finding`` rows with empty coordin
 """
 
 import hashlib
+import json
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
+from ldmground.cli import main
 from ldmground.datasets import (
     DEFAULT_TEMPLATE,
     detect_format,
@@ -265,6 +267,88 @@ def test_format_detection_and_common_entry(vindr, cxr8, tmp_path):
         load_dataset(vindr, split="test")
     with pytest.raises(LdmGroundError, match=r"lacks column\(s\)"):
         load_dataset(mscxr, format="vindr")
+
+
+# --- end to end -----------------------------------------------------------------------------
+
+
+def _results(out):
+    return pd.read_csv(out / "results.csv", keep_default_na=False, na_values=[""])
+
+
+def test_cli_evaluate_vindr_tiny(vindr, tmp_path, capsys):
+    out = tmp_path / "out"
+    images = vindr.parent.parent / "test"
+    argv = ["evaluate", "--model", "tiny", "--dataset", str(vindr), "--images", str(images), "--out", str(out)]
+    code = main([*argv, "--steps", "10", "--quiet"])
+    assert code == 1  # three malformed samples failed; the others ran
+    assert "5 succeeded, 3 failed" in capsys.readouterr().out
+    res = _results(out)
+    assert list(zip(res["dicom_id"], res["category"], res["status"], strict=True)) == [
+        ("img_a", "Cardiomegaly", "ok"),
+        ("img_a", "Pleural effusion", "ok"),
+        ("img_b", "Lung Opacity", "ok"),
+        ("img_b", "Nodule/Mass", "failed"),
+        ("img_b", "Atelectasis", "failed"),
+        ("img_x", "Cardiomegaly", "failed"),
+        ("img_a", "ILD", "ok"),
+        ("img_a", "Infiltration", "ok"),
+    ]
+    assert res.loc[0, "sample_id"] == _sid("img_a", "The patient has Cardiomegaly")
+    assert res.loc[0, "phrase"] == "The patient has Cardiomegaly"
+    ok = res[res["status"] == "ok"]
+    assert ok[["cnr", "miou", "auc_roc", "pointing"]].notna().all().all() and (ok["unet_evals"] > 0).all()
+    failed = res.set_index("category")["message"]
+    assert "annotations_test.csv line 8: column 'x_max'" in failed["Nodule/Mass"]
+    assert "column 'y_min' is empty" in failed["Atelectasis"]
+    assert "img_x.dicom" in res.loc[5, "message"] and "column 'image_id'" in res.loc[5, "message"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["dataset_format"] == "vindr" and run["dataset_counts"]["no_finding_rows"] == 1
+
+
+def test_cli_evaluate_chestxray8_tiny(cxr8, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["evaluate", "--model", "tiny", "--dataset", str(cxr8), "--images", str(cxr8.parent / "images")]
+    code = main([*argv, "--out", str(out), "--steps", "10", "--quiet", "--dataset-format", "chestxray8"])
+    assert code == 1
+    assert "3 succeeded, 3 failed" in capsys.readouterr().out
+    res = _results(out)
+    assert list(zip(res["category"], res["status"], strict=True)) == [
+        ("Atelectasis", "ok"),
+        ("Effusion", "ok"),
+        ("Infiltrate", "ok"),
+        ("Mass", "failed"),
+        ("Nodule", "failed"),
+        ("Pneumonia", "failed"),
+    ]
+    assert res.loc[3, "message"] == "BBox_List_2017.csv line 6: column 'w' (-5) is not positive"
+    assert res.loc[:2, ["cnr", "miou", "auc_roc"]].notna().all().all()
+
+
+def test_cli_template_classes_and_mscxr_unchanged(vindr, tmp_path, capsys):
+    out = tmp_path / "prior"
+    images = vindr.parent.parent / "test"
+    argv = ["evaluate", "--model", "centre-prior", "--dataset", str(vindr), "--images", str(images), "--quiet"]
+    extra = ["--prompt-template", "There is {class_lower}", "--classes", "authors", "--out", str(out)]
+    assert main([*argv, *extra]) == 1  # the Atelectasis row lacks y_min, img_x is missing
+    res = _results(out)
+    assert list(res["phrase"][:3]) == ["There is cardiomegaly", "There is pleural effusion", "There is lung opacity"]
+    assert "Pneumonia" in set(res["category"]) and "Nodule/Mass" not in set(res["category"])
+    run = json.loads((out / "run.json").read_text())
+    assert run["dataset_prompt_template"] == "There is {class_lower}" and run["dataset_classes"] == "authors"
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out / "x"), "--prompt-template", "{oops}"]) == 2
+    assert "unknown field(s) ['oops']" in capsys.readouterr().err
+    # MS-CXR through the same entry: detected, same samples, a template refused
+    mscxr = write_dataset(tmp_path / "mscxr")
+    ms_out = tmp_path / "ms"
+    ms_argv = ["evaluate", "--model", "centre-prior", "--dataset", str(mscxr), "--out", str(ms_out), "--quiet"]
+    assert main(ms_argv) == 0
+    assert len(_results(ms_out)) == 4
+    assert json.loads((ms_out / "run.json").read_text())["dataset_format"] == "mscxr"
+    capsys.readouterr()
+    code = main([*ms_argv, "--prompt-template", "The patient has {class}"])
+    assert code == 2 and "does not apply to MS-CXR" in capsys.readouterr().err
 
 
 # --- DICOM: VOI LUT and window --------------------------------------------------------------
