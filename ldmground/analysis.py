@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 
 from .config import GroundingConfig, get_preset
-from .datasets.mscxr import Sample, load_mscxr
+from .datasets.loader import load_dataset
+from .datasets.mscxr import Sample
 from .heatmap import load_image, postprocess
 from .metrics import all_metrics, miou, union_mask
 
@@ -88,11 +89,19 @@ def pick_samples(samples: Sequence[Sample], n: int) -> list[Sample]:
 
 
 def load_samples(
-    dataset: str | Path, images: str | Path | None, n: int | None = None, crop_size: int = 512
+    dataset: str | Path,
+    images: str | Path | None,
+    n: int | None = None,
+    crop_size: int = 512,
+    format: str | None = None,
+    template: str | None = None,
 ) -> list[Sample]:
-    """Samples of an MS-CXR-format CSV, ``n`` of them spread over the categories (all if None)."""
-    samples, _ = load_mscxr(dataset, images, crop_size=crop_size, check_files=False)
-    return list(samples) if n is None else pick_samples(samples, n)
+    """Samples of a box data set (MS-CXR, VinDr-CXR or ChestX-ray8, detected from the CSV's
+    columns unless ``format`` is given; :func:`ldmground.datasets.loader.load_dataset`),
+    ``n`` of them spread over the categories (all if None). Malformed rows are left out."""
+    samples, _ = load_dataset(dataset, images, format, template, crop_size=crop_size, check_files=False)
+    samples = [s for s in samples if not s.problem]
+    return samples if n is None else pick_samples(samples, n)
 
 
 def class_token_indices(tokens, category: str) -> tuple[int, ...]:

@@ -20,7 +20,7 @@ from skimage.filters import threshold_multiotsu
 
 from ldmground import ground, load_image, load_pipeline
 from ldmground.config import get_preset
-from ldmground.convert_monai import convert_monai, import_generative
+from ldmground.convert_monai import BUNDLE_AUTOENCODER, BUNDLE_UNET, convert_monai, import_generative
 from ldmground.heatmap import postprocess
 from ldmground.metrics import auc_roc, cnr, miou
 
@@ -29,32 +29,12 @@ from . import paper_oracle as oracle
 pytestmark = pytest.mark.slow
 
 # The paper's architecture, narrowed so that 334 + 240 UNet calls per image stay cheap.
-AUTOENCODER = dict(
-    spatial_dims=2,
-    in_channels=1,
-    out_channels=1,
-    num_channels=[8, 16, 16, 16],
-    latent_channels=3,
-    num_res_blocks=2,
-    norm_num_groups=8,
-    norm_eps=1e-6,
-    attention_levels=[False, False, False, False],
-    with_encoder_nonlocal_attn=True,
-    with_decoder_nonlocal_attn=True,
-)
+AUTOENCODER = dict(BUNDLE_AUTOENCODER, num_channels=[8, 16, 16, 16], norm_num_groups=8)
 UNET = dict(
-    spatial_dims=2,
-    in_channels=3,
-    out_channels=3,
-    num_res_blocks=2,
+    BUNDLE_UNET,
     num_channels=[8, 16, 16],
-    attention_levels=[False, True, True],
     norm_num_groups=8,
-    norm_eps=1e-6,
-    resblock_updown=False,
     num_head_channels=[0, 16, 16],
-    with_conditioning=True,
-    transformer_num_layers=1,
     cross_attention_dim=32,  # the "tiny" text encoder's width
 )
 PHRASE = "Small right apical pneumothorax"
