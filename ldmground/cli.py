@@ -32,7 +32,12 @@ def _window(text: str) -> tuple[float, float]:
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("grounding settings (start from --preset, then override)")
-    g.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="named settings (default: paper)")
+    g.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="named settings (default: the model's own, from its ldmground.json: demo for the demo model, "
+        "paper for converted MONAI bundles and other models)",
+    )
     g.add_argument("--steps", type=int, help="number of DDIM inversion steps N (paper: 300)")
     g.add_argument("--window", type=_window, help="timestep window as fractions of N, e.g. 0.4,0.6 (paper)")
     g.add_argument(
@@ -67,7 +72,12 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> GroundingConfig:
-    cfg = get_preset(args.preset)
+    preset = args.preset
+    if preset is None:
+        from .models import default_preset_of
+
+        preset = default_preset_of(args.model)
+    cfg = get_preset(preset)
     changes = {
         "num_inference_steps": args.steps,
         "window": args.window,

@@ -120,7 +120,9 @@ class DiffusionGrounder(Grounder):
     """The method: DDIM inversion + cross-attention of a :class:`GroundingPipeline`."""
 
     def __init__(self, pipe, config: GroundingConfig):
-        self.pipe, self.config = pipe, config
+        from .grounding import resolve_config
+
+        self.pipe, self.config = pipe, resolve_config(config, pipe)  # layers checked before any compute
         self.spec, self.image_size = pipe.spec, pipe.image_size
         self.device = pipe.device
         self.weight_files = pipe.weight_files

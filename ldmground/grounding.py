@@ -23,6 +23,7 @@ import torch
 
 from .attention import AttentionRecorder, PhraseRow
 from .config import GroundingConfig, get_preset
+from .errors import LdmGroundError
 from .heatmap import Geometry, postprocess, preprocess
 from .inversion import ddim_invert, make_scheduler
 from .models import GroundingPipeline
@@ -108,10 +109,25 @@ def _selection(pipe: GroundingPipeline, phrase: str, words, tokens: str) -> Toke
     return TokenSelection(pick(full.positions), pick(full.words), pick(full.pieces), full.truncated, full.warnings)
 
 
-def _as_config(config: GroundingConfig | str | None) -> GroundingConfig:
+def resolve_config(config: GroundingConfig | str | None, pipe: GroundingPipeline | None = None) -> GroundingConfig:
+    """The config to use: a preset by name, the model's default preset for None; its layers
+    are checked against the UNet before anything is computed."""
     if config is None:
-        return get_preset("paper")
-    return get_preset(config) if isinstance(config, str) else config
+        config = pipe.default_preset if pipe is not None else "paper"
+    name = config if isinstance(config, str) else None
+    cfg = get_preset(config) if isinstance(config, str) else config
+    if pipe is not None and cfg.layers is not None:
+        from .attention import cross_attention_layers
+
+        n = len(cross_attention_layers(pipe.unet))
+        bad = [i for i in cfg.layers if not 0 <= i < n]
+        if bad:
+            what = f"preset {name!r}" if name else "the config"
+            raise LdmGroundError(
+                f"{what} reads cross-attention layers {bad}, but this UNet has {n} (0..{n - 1}); "
+                f"the model's default preset is {pipe.default_preset!r} (leave the preset out to use it)"
+            )
+    return cfg
 
 
 def run_attention(
@@ -127,7 +143,7 @@ def run_attention(
 
     Returns (recorder store, token selections, geometry, unet_evals, seconds).
     """
-    cfg = _as_config(config)
+    cfg = resolve_config(config, pipe)
     with intra_op_threads(cfg.threads):
         return _run_attention(pipe, image, phrases, cfg, words, keep_maps, progress)
 
@@ -190,14 +206,16 @@ def ground(
         pipe: a :class:`~ldmground.models.GroundingPipeline`.
         image: (H, W) float in [0, 1] (see :func:`ldmground.heatmap.load_image`).
         phrases: one phrase or a list of phrases about this image.
-        config: a :class:`GroundingConfig` or a preset name (default ``"paper"``).
+        config: a :class:`GroundingConfig` or a preset name (default: the model's own,
+            ``pipe.default_preset``: ``"demo"`` for the demo model, ``"paper"`` for the
+            converted MONAI bundle). Layers the UNet does not have are refused up front.
         words: per phrase, words to restrict the tokens to when ``config.tokens == "class"``
             (e.g. the finding's class name).
 
     With ``config.contrast > 0`` the reference phrases join the batch of the same inversion
     (their maps are not returned; ``GroundingResult.background`` holds their mean).
     """
-    cfg = _as_config(config)
+    cfg = resolve_config(config, pipe)
     if isinstance(phrases, str):
         phrases = [phrases]
     with intra_op_threads(cfg.threads):
@@ -319,7 +337,7 @@ def attention_cache(
     ``references``: phrases recorded alongside (in the same batch) for ``contrast``;
     default: the config's ``reference_phrases`` when its ``contrast`` is > 0, else none.
     """
-    cfg = _as_config(config).replace(layers=None, tokens="phrase")
+    cfg = resolve_config(config, pipe).replace(layers=None, tokens="phrase")
     if references is None:
         references = cfg.reference_phrases if cfg.contrast else ()
     references = tuple(references)

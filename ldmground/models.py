@@ -54,6 +54,8 @@ class GroundingPipeline:
             [0, 1] image is mapped linearly: ``(0, 1)`` for the MONAI chest X-ray bundle,
             ``(-1, 1)`` for Stable Diffusion and the demo model. Part of the model's contract,
             recorded in its folder's ``ldmground.json``.
+        default_preset: the preset ``ground`` uses when none is given (``ldmground.json``'s
+            ``default_preset``; ``"paper"`` for folders without one).
         spec: how the pipeline was named (recorded with results).
         weight_files: weights files read, for provenance hashes.
     """
@@ -70,6 +72,7 @@ class GroundingPipeline:
     max_length: int = 77
     text_sink: bool = False
     input_range: tuple[float, float] = (-1.0, 1.0)
+    default_preset: str = "paper"
     spec: str = ""
     weight_files: list[Path] = field(default_factory=list)
 
@@ -375,6 +378,7 @@ def _load_folder(source: str | Path, text_encoder: str | None, spec: str) -> Gro
     info["max_length"] = int(extra.get("max_length", info["max_length"]))
     info["use_attention_mask"] = bool(extra.get("use_attention_mask", info["use_attention_mask"]))
     info["text_sink"] = bool(extra.get("text_sink", False))
+    info["default_preset"] = str(extra.get("default_preset", "paper"))
     info["input_range"] = _input_range(extra, path / PIPELINE_FILE if local else f"{source} ({PIPELINE_FILE})")
     files = sorted(path.glob("*/*.safetensors")) if local else []
     return GroundingPipeline(
@@ -412,6 +416,22 @@ def _input_range(meta: dict, where) -> tuple[float, float]:
     return (low, high)
 
 
+def default_preset_of(spec: str) -> str:
+    """The default preset of a model spec, from its ``ldmground.json`` alone (no weights
+    read): ``"paper"`` for ``tiny``, Hub ids and folders that record none."""
+    if spec.startswith("random:"):
+        return default_preset_of(spec.split(":", 1)[1])
+    if spec == "demo":
+        from .demo import DEMO_DIR
+
+        path = DEMO_DIR / PIPELINE_FILE
+    else:
+        path = Path(spec) / PIPELINE_FILE
+    if path.is_file():
+        return str(json.loads(path.read_text()).get("default_preset", "paper"))
+    return "paper"
+
+
 def write_model_folder(out_dir: str | Path, unet, vae, scheduler_config: dict, meta: dict) -> Path:
     """The folder layout ``load_pipeline`` reads: ``unet/``, ``vae/`` (safetensors),
     ``scheduler/`` and ``ldmground.json`` (``meta``)."""
@@ -436,6 +456,7 @@ def save_pipeline(pipe: GroundingPipeline, out_dir: str | Path, text_encoder: st
         "max_length": pipe.max_length,
         "text_sink": pipe.text_sink,
         "input_range": list(pipe.input_range),
+        "default_preset": pipe.default_preset,
         "text_encoder": text_encoder,
     }
     out = write_model_folder(out_dir, pipe.unet, pipe.vae, pipe.scheduler_config, meta)

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -8,6 +9,8 @@ from ldmground.cli import main
 from ldmground.evaluation import CentrePriorGrounder, evaluate, in_shard, make_grounder, summarize
 
 from .helpers import QUICK, write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
@@ -136,3 +139,31 @@ def test_cli_evaluate_and_config_errors(dataset, tmp_path, capsys):
     assert "cannot load model" in capsys.readouterr().err
     assert main(["evaluate", "--model", "tiny", "--dataset", str(tmp_path / "nope.csv"), "--out", str(out)]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_every_model_knows_its_preset(tmp_path, capsys):
+    """The demo model grounds with its own preset when none is given; a preset whose layers
+    its UNet lacks fails before any compute, naming the layer count and the default."""
+
+    from ldmground import ground, load_image, load_pipeline
+    from ldmground.config import get_preset
+    from ldmground.errors import LdmGroundError
+    from ldmground.models import default_preset_of
+
+    assert default_preset_of("demo") == "demo" and default_preset_of("tiny") == "paper"
+    assert default_preset_of("random:demo") == "demo"
+    pipe = load_pipeline("demo")
+    image = load_image(ROOT / "data" / "phantom" / "images" / "phantom-test-00005.png")
+    [own] = ground(pipe, image, "Right pleural effusion")
+    [named] = ground(pipe, image, "Right pleural effusion", "demo")
+    np.testing.assert_array_equal(own.heatmap, named.heatmap)
+    with pytest.raises(LdmGroundError, match=r"preset 'paper' reads cross-attention layers \[6, 7\].* has 6 .*'demo'"):
+        ground(pipe, image, "Right pleural effusion", "paper")
+    csv = ROOT / "data" / "phantom" / "test.csv"
+    out = tmp_path / "own"
+    args = ["evaluate", "--model", "demo", "--dataset", str(csv), "--limit", "2", "--quiet"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert json.loads((out / "run.json").read_text())["config"] == get_preset("demo").to_dict()
+    bad = tmp_path / "bad"
+    code = main(["evaluate", "--model", "demo", "--preset", "paper", "--dataset", str(csv), "--out", str(bad)])
+    assert code == 2 and "has 6" in capsys.readouterr().err and not bad.exists()
