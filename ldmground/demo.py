@@ -581,7 +581,15 @@ def train_demo(cfg: DemoTrainConfig, export_to: Path | None = None, progress: bo
     The export's ``training`` block records the settings, the machine, this call's minutes
     and the total over every call on ``cfg.out`` (a run resumed in chunks), and for a
     fine-tune the ``training`` block of the folder it started from."""
+    before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    try:
+        return _train_demo(cfg, export_to, progress)
+    finally:
+        torch.set_num_threads(before)  # the caller's setting, e.g. a test session's or a notebook's
+
+
+def _train_demo(cfg: DemoTrainConfig, export_to: Path | None, progress: bool) -> Path:
     parse_category_weights(cfg.category_weights)  # a bad spec fails before hours of rendering and training
     parse_category_weights(cfg.category_mask_weights, "category_mask_weights")
     check_trainable(cfg.trainable)

@@ -160,9 +160,11 @@ def test_train_demo_checkpoints_resumes_and_exports_a_finer_latent(tmp_path):
 
     cfg = DemoTrainConfig(
         out=str(tmp_path / "run"), n_train=6, render_size=64, vae_steps=2, vae_batch=2, steps=4, batch=2,
-        checkpoint_every=2, snapshot_every=2, vae_factor=2, threads=torch.get_num_threads(),
+        checkpoint_every=2, snapshot_every=2, vae_factor=2, threads=torch.get_num_threads() + 1,
     )  # fmt: skip
+    before = torch.get_num_threads()
     model = train_demo(cfg, progress=False)
+    assert torch.get_num_threads() == before  # the caller's thread count is restored
     run = tmp_path / "run"
     assert sorted(p.name for p in run.glob("unet-ema-*.safetensors")) == [
         "unet-ema-000002.safetensors",

@@ -69,6 +69,16 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The oracle's MONAI networks run outside ldmground's thread pin: one thread, whatever
+    # an earlier test left torch with (many threads on a busy 2-core machine crawl).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("oracle")
