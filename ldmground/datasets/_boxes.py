@@ -119,6 +119,24 @@ def number(text: str, column: str) -> tuple[float, str | None]:
     return value, None
 
 
+def parse_row(columns: list[str], image: str, cls: str, coords) -> tuple[list[float], list[str]]:
+    """The coordinates of one CSV row as numbers, and its problems (empty image or class
+    field, a coordinate that is no number), each naming its column. ``columns`` are the
+    format's: image, class, then the four coordinates."""
+    problems = []
+    if not image:
+        problems.append(f"column {columns[0]!r} is empty")
+    if not cls:
+        problems.append(f"column {columns[1]!r} is empty")
+    values = []
+    for column, text in zip(columns[2:], coords, strict=True):
+        value, problem = number(text, column)
+        values.append(value)
+        if problem:
+            problems.append(problem)
+    return values, problems
+
+
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) from the file's header only: DICOM ``Columns``/``Rows`` (pixel data not
     read), else PIL's header parse. An unreadable header is an :class:`LdmGroundError`."""

@@ -34,7 +34,7 @@ from ._boxes import (
     build_samples,
     check_template,
     class_mapping,
-    number,
+    parse_row,
     read_box_csv,
     select_classes,
 )
@@ -83,17 +83,7 @@ def load_chestxray8(
     df = df[~duplicated]
     rows = []
     for line, image, cls, *coords in zip(df.index, *(df[c] for c in CHESTXRAY8_COLUMNS), strict=True):
-        problems = []
-        if not image:
-            problems.append("column 'Image Index' is empty")
-        if not cls:
-            problems.append("column 'Finding Label' is empty")
-        values = []
-        for column, text in zip(CHESTXRAY8_COLUMNS[2:], coords, strict=True):
-            value, problem = number(text, column)
-            values.append(value)
-            if problem:
-                problems.append(problem)
+        values, problems = parse_row(CHESTXRAY8_COLUMNS, image, cls, coords)
         for column, value in zip(("w", "h]"), values[2:], strict=True):
             if math.isfinite(value) and not value > 0:
                 problems.append(f"column {column!r} ({value:g}) is not positive")

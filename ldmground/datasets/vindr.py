@@ -46,7 +46,7 @@ from ._boxes import (
     build_samples,
     check_template,
     class_mapping,
-    number,
+    parse_row,
     read_box_csv,
     select_classes,
 )
@@ -123,17 +123,7 @@ def load_vindr(
     df = df[~duplicated]
     rows = []
     for line, image_id, cls, *coords in zip(df.index, *(df[c] for c in VINDR_COLUMNS), strict=True):
-        problems = []
-        if not image_id:
-            problems.append("column 'image_id' is empty")
-        if not cls:
-            problems.append("column 'class_name' is empty")
-        values = []
-        for column, text in zip(VINDR_COLUMNS[2:], coords, strict=True):
-            value, problem = number(text, column)
-            values.append(value)
-            if problem:
-                problems.append(problem)
+        values, problems = parse_row(VINDR_COLUMNS, image_id, cls, coords)
         x0, y0, x1, y1 = values
         for lo, hi, axis in ((x0, x1, "x"), (y0, y1, "y")):
             if math.isfinite(lo) and math.isfinite(hi) and not hi > lo:
