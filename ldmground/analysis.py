@@ -288,8 +288,8 @@ def text_denoising_gain(
     import torch.nn.functional as F
     from diffusers import DDIMScheduler
 
-    from .demo import swap_sides
     from .heatmap import preprocess
+    from .tokens import swap_sides
 
     size = pipe.image_size
     image, geo = preprocess(load_image(sample.image_path(images_root)), size)

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import LdmGroundError
-from .evaluation import Grounder, Heatmaps
+from .grounders import Grounder, Heatmaps
 
 log = logging.getLogger(__name__)
 

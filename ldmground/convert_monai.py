@@ -98,11 +98,10 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import nn
 
 from .errors import LdmGroundError
-from .models import PAPER_SCHEDULER, PIPELINE_FILE, SD21_BASE
+from .models import MONAI_ARCHITECTURE, PAPER_SCHEDULER, PIPELINE_FILE, SD21_BASE, apply_monai_architecture
 
 log = logging.getLogger(__name__)
 
-MONAI_ARCHITECTURE = "monai-generative-0.2"
 BUNDLE_NAME = "cxr_image_synthesis_latent_diffusion_model"
 AUTOENCODER_FILE = "models/autoencoder.pth"
 UNET_FILE = "models/diffusion_model.pth"
@@ -1157,27 +1156,6 @@ def map_unet(
     return unet
 
 
-def apply_monai_architecture(vae: AutoencoderKL) -> AutoencoderKL:
-    """Make a diffusers AutoencoderKL compute what MONAI's AutoencoderKL computes.
-
-    MONAI's Encoder and Decoder end with GroupNorm -> conv; diffusers hard-codes a SiLU
-    between them (``conv_act``) that no config or weight can remove. Idempotent.
-    """
-    vae.encoder.conv_act = nn.Identity()
-    vae.decoder.conv_act = nn.Identity()
-    return vae
-
-
-def apply_architecture(vae: AutoencoderKL, meta: dict) -> AutoencoderKL:
-    """Apply what ``ldmground.json``'s ``architecture`` entry asks for (for the loader)."""
-    arch = meta.get("architecture")
-    if arch is None:
-        return vae
-    if arch == MONAI_ARCHITECTURE:
-        return apply_monai_architecture(vae)
-    raise LdmGroundError(f"unknown architecture {arch!r} in {PIPELINE_FILE}; known: {MONAI_ARCHITECTURE}")
-
-
 # --- what the weights do not say ------------------------------------------------------------
 
 _ABSENT = object()
@@ -1677,7 +1655,7 @@ pipe = ldmground.load_pipeline("path/to/this/folder")
 still computes the wrong function: diffusers puts a SiLU between the last GroupNorm and the
 output convolution of both its encoder and its decoder, and MONAI's autoencoder has no
 activation there. `ldmground.load_pipeline` replaces both with the identity
-(`ldmground.convert_monai.apply_architecture`, triggered by `"architecture": "{meta["architecture"]}"`
+(`ldmground.models.apply_architecture`, triggered by `"architecture": "{meta["architecture"]}"`
 in `ldmground.json`). If you must use diffusers directly, set `vae.encoder.conv_act` and
 `vae.decoder.conv_act` to `torch.nn.Identity()` after loading. The UNet and the scheduler load
 correctly with plain diffusers. Some VAE ResNets hold all-zero convolutions on purpose: they

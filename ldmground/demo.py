@@ -32,38 +32,12 @@ import torch.nn.functional as F
 
 from .errors import LdmGroundError
 
+# The committed model folder and its hash checks live with the folder I/O in models.py (the
+# loader needs them, and models never imports this module); re-exported for old imports.
+from .models import DEMO_DIR, demo_dir, verify_hashes, write_hashes  # noqa: F401
+from .tokens import swap_sides
+
 log = logging.getLogger(__name__)
-
-DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
-
-
-def demo_dir() -> Path:
-    """The committed demo model folder; its weights are checked against recorded hashes."""
-    if not (DEMO_DIR / "unet").is_dir():
-        raise LdmGroundError(f"the demo model is not in {DEMO_DIR}; train it with `ldmground train-demo`")
-    verify_hashes(DEMO_DIR)
-    return DEMO_DIR
-
-
-def verify_hashes(folder: Path) -> None:
-    """Compare every weights file with ``SHA256SUMS``; a mismatch is an error."""
-    from .models import sha256_file
-
-    sums = folder / "SHA256SUMS"
-    if not sums.is_file():
-        raise LdmGroundError(f"{sums} is missing: cannot check the demo weights")
-    for line in sums.read_text().splitlines():
-        digest, name = line.split(maxsplit=1)
-        if sha256_file(folder / name) != digest:
-            raise LdmGroundError(f"{folder / name} does not match its SHA-256 in {sums}; re-fetch or retrain it")
-
-
-def write_hashes(folder: Path) -> None:
-    from .models import sha256_file
-
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.glob("*/*.safetensors"))
-    (folder / "SHA256SUMS").write_text("".join(f"{sha256_file(folder / f)}  {f}\n" for f in files))
-
 
 LEVEL_CHANNELS = {16: (48, 96, 96), 32: (32, 64, 96)}  # demo UNet channels by latent size
 
@@ -697,15 +671,6 @@ def _cmd_train(args) -> int:
 
 
 # --- checking the demo model ------------------------------------------------------------
-
-_SIDE_SWAP = {"left": "right", "right": "left", "Left": "Right", "Right": "Left", "LEFT": "RIGHT", "RIGHT": "LEFT"}
-
-
-def swap_sides(phrase: str) -> str:
-    """The phrase with the words left/right exchanged ("left-sided" -> "right-sided")."""
-    import re
-
-    return re.sub(r"\b(left|right|Left|Right|LEFT|RIGHT)\b", lambda m: _SIDE_SWAP[m.group(1)], phrase)
 
 
 def swapped_side_csv(csv: str | Path, out_csv: str | Path) -> Path:

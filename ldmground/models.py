@@ -142,6 +142,36 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+# --- the committed demo model folder ----------------------------------------------------------
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
+
+
+def demo_dir() -> Path:
+    """The committed demo model folder; its weights are checked against recorded hashes."""
+    if not (DEMO_DIR / "unet").is_dir():
+        raise LdmGroundError(f"the demo model is not in {DEMO_DIR}; train it with `ldmground train-demo`")
+    verify_hashes(DEMO_DIR)
+    return DEMO_DIR
+
+
+def verify_hashes(folder: Path) -> None:
+    """Compare every weights file with ``SHA256SUMS``; a mismatch is an error."""
+    sums = folder / "SHA256SUMS"
+    if not sums.is_file():
+        raise LdmGroundError(f"{sums} is missing: cannot check the demo weights")
+    for line in sums.read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        if sha256_file(folder / name) != digest:
+            raise LdmGroundError(f"{folder / name} does not match its SHA-256 in {sums}; re-fetch or retrain it")
+
+
+def write_hashes(folder: Path) -> None:
+    """Record the SHA-256 of every weights file in ``SHA256SUMS``."""
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.glob("*/*.safetensors"))
+    (folder / "SHA256SUMS").write_text("".join(f"{sha256_file(folder / f)}  {f}\n" for f in files))
+
+
 # --- tokenizers and text encoders ---------------------------------------------------------
 
 
@@ -337,8 +367,6 @@ def load_pipeline(spec: str, text_encoder: str | None = None, device: str | None
     elif spec == "tiny":
         pipe = tiny_pipeline()
     elif spec == "demo":
-        from .demo import demo_dir
-
         pipe = _load_folder(demo_dir(), text_encoder, spec)
     else:
         pipe = _load_folder(spec, text_encoder, spec)
@@ -365,8 +393,6 @@ def _load_folder(source: str | Path, text_encoder: str | None, spec: str) -> Gro
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", use_safetensors=True).eval()
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", use_safetensors=True).eval()
         if extra.get("architecture"):
-            from .convert_monai import apply_architecture
-
             apply_architecture(vae, extra)  # e.g. MONAI's VAE has no SiLU before its last convs
         sched = dict(DDIMScheduler.load_config(source, subfolder="scheduler"))
     except (OSError, ValueError) as err:
@@ -396,6 +422,31 @@ def _load_folder(source: str | Path, text_encoder: str | None, spec: str) -> Gro
     )
 
 
+MONAI_ARCHITECTURE = "monai-generative-0.2"
+"""``ldmground.json``'s ``architecture`` of a folder converted from MONAI GenerativeModels."""
+
+
+def apply_monai_architecture(vae: AutoencoderKL) -> AutoencoderKL:
+    """Make a diffusers AutoencoderKL compute what MONAI's AutoencoderKL computes.
+
+    MONAI's Encoder and Decoder end with GroupNorm -> conv; diffusers hard-codes a SiLU
+    between them (``conv_act``) that no config or weight can remove. Idempotent.
+    """
+    vae.encoder.conv_act = torch.nn.Identity()
+    vae.decoder.conv_act = torch.nn.Identity()
+    return vae
+
+
+def apply_architecture(vae: AutoencoderKL, meta: dict) -> AutoencoderKL:
+    """Apply what ``ldmground.json``'s ``architecture`` entry asks for (for the loader)."""
+    arch = meta.get("architecture")
+    if arch is None:
+        return vae
+    if arch == MONAI_ARCHITECTURE:
+        return apply_monai_architecture(vae)
+    raise LdmGroundError(f"unknown architecture {arch!r} in {PIPELINE_FILE}; known: {MONAI_ARCHITECTURE}")
+
+
 def _input_range(meta: dict, where) -> tuple[float, float]:
     """The folder's ``input_range``; without one, [-1, 1] (what ldmground assumed before
     0.2, and Stable Diffusion's range) with a warning that names the file."""
@@ -422,8 +473,6 @@ def default_preset_of(spec: str) -> str:
     if spec.startswith("random:"):
         return default_preset_of(spec.split(":", 1)[1])
     if spec == "demo":
-        from .demo import DEMO_DIR
-
         path = DEMO_DIR / PIPELINE_FILE
     else:
         path = Path(spec) / PIPELINE_FILE

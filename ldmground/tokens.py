@@ -120,3 +120,11 @@ def class_span(tokenizer, phrase: str, class_name: str, max_length: int | None =
         return ()
     first, last = hits[0], hits[-1]
     return tuple(range(first, last if last > first else first + 1))
+
+
+_SIDE_SWAP = {"left": "right", "right": "left", "Left": "Right", "Right": "Left", "LEFT": "RIGHT", "RIGHT": "LEFT"}
+
+
+def swap_sides(phrase: str) -> str:
+    """The phrase with the words left/right exchanged ("left-sided" -> "right-sided")."""
+    return re.sub(r"\b(left|right|Left|Right|LEFT|RIGHT)\b", lambda m: _SIDE_SWAP[m.group(1)], phrase)

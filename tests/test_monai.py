@@ -29,13 +29,11 @@ from ldmground.convert_monai import (  # noqa: E402
     CONFIG_FILE,
     GENERATIVE,
     MODEL_CARD_FILE,
-    MONAI_ARCHITECTURE,
     MONAI_CORE,
     SAMPLER_FILE,
     UNET_FILE,
     _monai_unet_key,
     _unet_key,
-    apply_architecture,
     bundle_network_configs,
     convert_monai,
     import_generative,
@@ -43,7 +41,13 @@ from ldmground.convert_monai import (  # noqa: E402
     write_fake_bundle,
 )
 from ldmground.errors import LdmGroundError  # noqa: E402
-from ldmground.models import PAPER_SCHEDULER, PIPELINE_FILE, load_pipeline  # noqa: E402
+from ldmground.models import (  # noqa: E402
+    MONAI_ARCHITECTURE,
+    PAPER_SCHEDULER,
+    PIPELINE_FILE,
+    apply_architecture,
+    load_pipeline,
+)
 
 TOL = 1e-4
 
@@ -145,7 +149,7 @@ def test_load_pipeline_applies_monai_architecture(small):
     acts = [type(pipe.vae.encoder.conv_act).__name__, type(pipe.vae.decoder.conv_act).__name__]
     assert acts == ["Identity", "Identity"], (
         f"VAE output activations are {acts}: load_pipeline must call "
-        "ldmground.convert_monai.apply_architecture(vae, ldmground.json contents)"
+        "ldmground.models.apply_architecture(vae, ldmground.json contents)"
     )
     assert pipe.image_size == 512 and pipe.scaling_factor == 0.3
 

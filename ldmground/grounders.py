@@ -1,0 +1,102 @@
+"""Grounders: anything that turns (image, phrases) into heatmaps on the original image.
+
+:class:`Grounder` is the interface batch evaluation calls; :class:`DiffusionGrounder` is the
+method, :class:`CentrePriorGrounder` the centre-prior baseline (the BioViL baselines live in
+:mod:`ldmground.biovil`). :func:`ldmground.evaluation.make_grounder` builds one from a spec.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .baselines import centre_prior
+from .config import GroundingConfig
+from .errors import LdmGroundError
+from .heatmap import preprocess
+
+
+@dataclass
+class Heatmaps:
+    """Heatmaps of the phrases of one image, original frame, plus cost figures."""
+
+    maps: list[np.ndarray]
+    unet_evals: int = 0
+    notes: list[list[str]] = field(default_factory=list)
+
+
+class Grounder:
+    """Interface: ``spec`` and ``__call__(image, phrases, words) -> Heatmaps``."""
+
+    spec: str = ""
+    image_size: int = 512
+    weight_files: Sequence[Path] = ()
+
+    @functools.cached_property
+    def weights_sha256(self) -> dict[str, str]:
+        """``folder/file`` -> SHA-256 of every weights file (read once per grounder)."""
+        from .models import sha256_file
+
+        return {f"{Path(p).parent.name}/{Path(p).name}": sha256_file(p) for p in self.weight_files}
+
+    @property
+    def weights_digest(self) -> str:
+        """12 hex digits over :attr:`weights_sha256`; "" when there are no weights files."""
+        if not self.weights_sha256:
+            return ""
+        lines = sorted(f"{name} {sha}" for name, sha in self.weights_sha256.items())
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]
+
+    def check_phrase(self, phrase: str) -> list[str]:
+        """Raise :class:`LdmGroundError` for a phrase this grounder cannot use; return notes."""
+        if not phrase.strip():
+            raise LdmGroundError("empty phrase")
+        return []
+
+    def __call__(self, image: np.ndarray, phrases: list[str], words: list[list[str]]) -> Heatmaps:
+        raise NotImplementedError
+
+
+class CentrePriorGrounder(Grounder):
+    """Baseline ``centre-prior``: the same Gaussian at the centre of every image."""
+
+    def __init__(self, image_size: int = 512):
+        self.spec, self.image_size = "centre-prior", image_size
+
+    def __call__(self, image, phrases, words):
+        _, geo = preprocess(image, self.image_size)
+        hm = geo.to_original(centre_prior(geo))
+        return Heatmaps([hm.copy() for _ in phrases], 0, [[] for _ in phrases])
+
+
+class DiffusionGrounder(Grounder):
+    """The method: DDIM inversion + cross-attention of a :class:`GroundingPipeline`."""
+
+    def __init__(self, pipe, config: GroundingConfig):
+        from .grounding import resolve_config
+
+        self.pipe, self.config = pipe, resolve_config(config, pipe)  # layers checked before any compute
+        self.spec, self.image_size = pipe.spec, pipe.image_size
+        self.device = pipe.device
+        self.weight_files = pipe.weight_files
+
+    def check_phrase(self, phrase: str) -> list[str]:
+        from .tokens import select_tokens
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return list(select_tokens(self.pipe.tokenizer, phrase, None, self.pipe.max_length).warnings)
+
+    def __call__(self, image, phrases, words):
+        from .grounding import ground
+
+        # No "ignore" filter here: _ground_image records the warnings (e.g. "smaller than
+        # the model input") and keeps the notes; truncation comes back in r.warnings.
+        results = ground(self.pipe, image, phrases, self.config, words)
+        return Heatmaps([r.heatmap for r in results], results[0].unet_evals, [r.warnings for r in results])
