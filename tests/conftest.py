@@ -23,3 +23,16 @@ def xray():
     yy, xx = np.mgrid[0:72, 0:90]
     img = 0.3 + 0.4 * np.exp(-((xx - 25) ** 2 + (yy - 40) ** 2) / 80.0)
     return img.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module (restored after): its thread pool is much slower
+    than one thread on a busy 2-core machine, and code outside ldmground's own thread pin
+    (MONAI networks, earlier tests' settings) would otherwise use it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

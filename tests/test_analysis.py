@@ -16,14 +16,8 @@ CFG = GroundingConfig(num_inference_steps=10, window=(0.4, 0.6), layers=(3, 4, 6
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # torch's thread pool is much slower than one thread on a busy 2-core machine
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

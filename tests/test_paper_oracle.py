@@ -70,13 +70,9 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The oracle's MONAI networks run outside ldmground's thread pin: one thread, whatever
-    # an earlier test left torch with (many threads on a busy 2-core machine crawl).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
+    # The oracle's MONAI networks run outside ldmground's thread pin.
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import LdmGroundError
-from ..heatmap import Geometry
-from .mscxr import Sample, _sample_id, is_degenerate
+from .mscxr import Sample, _sample_id, boxes_in_crop
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +211,7 @@ def build_samples(
         problems += [f"{name} line {r.line}: {p}" for r in group for p in r.problems]
         boxes = [r.box for r in group]
         if crop_size is not None and size is not None:
-            geo = Geometry(size[0], size[1], crop_size)
-            # Degenerate boxes stay, so that evaluation fails the sample with its reason.
-            kept = [b for b in boxes if is_degenerate(b) or geo.box_to_model(b) is not None]
+            kept = boxes_in_crop(boxes, size[0], size[1], crop_size)
             dropped_boxes += len(boxes) - len(kept)
             boxes = kept
         if not boxes:

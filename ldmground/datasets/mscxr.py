@@ -83,6 +83,16 @@ def is_degenerate(box: tuple[float, float, float, float]) -> bool:
     return not all(math.isfinite(v) for v in box) or not (box[2] > 0 and box[3] > 0)
 
 
+def boxes_in_crop(boxes, width: int, height: int, crop_size: int) -> list:
+    """The boxes that reach into the centre crop of a ``width`` x ``height`` image.
+
+    Degenerate boxes (w or h <= 0, NaN) are kept, so that evaluation can fail the sample
+    with a reason instead of the box vanishing as "outside the crop".
+    """
+    geo = Geometry(width, height, crop_size)
+    return [b for b in boxes if is_degenerate(b) or geo.box_to_model(b) is not None]
+
+
 def _sample_id(dicom_id: str, phrase: str) -> str:
     return f"{dicom_id}-{hashlib.sha1(phrase.encode()).hexdigest()[:8]}"
 
@@ -150,10 +160,7 @@ def load_mscxr(
         width, height = int(first["image_width"]), int(first["image_height"])
         boxes = [tuple(float(v) for v in r) for r in rows[["x", "y", "w", "h"]].itertuples(index=False)]
         if crop_size is not None:
-            geo = Geometry(width, height, crop_size)
-            # Degenerate boxes (w or h <= 0, NaN) are kept, so that evaluation can fail the
-            # sample with a reason instead of the box vanishing as "outside the crop".
-            kept = [b for b in boxes if is_degenerate(b) or geo.box_to_model(b) is not None]
+            kept = boxes_in_crop(boxes, width, height, crop_size)
             dropped_boxes += len(boxes) - len(kept)
             boxes = kept
         if not boxes:
