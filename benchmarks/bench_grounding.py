@@ -41,14 +41,15 @@ import torch
 
 
 def build_pipeline(model: str, device: str):
-    from ldmground.models import load_pipeline
+    from ldmground.models.folder import load_pipeline
 
     if model != "paper-random":
         return load_pipeline(model, device=device)
     # The paper model's architecture with seeded random weights: a fake MONAI bundle,
     # converted by our converter, plus a random 1024-d CLIP (the text encoder's size does
     # not change the UNet's cost).
-    from ldmground.convert_monai import convert_monai, write_fake_bundle
+    from ldmground.models.monai.bundle import write_fake_bundle
+    from ldmground.models.monai.convert import convert_monai
 
     tmp = Path(tempfile.mkdtemp(prefix="paper-random-"))
     write_fake_bundle(tmp / "bundle", scale="full", seed=0)
@@ -72,7 +73,7 @@ def count_calls(unet) -> list[int]:
 
 def test_image(size: int) -> np.ndarray:
     path = Path(__file__).resolve().parents[1] / "data" / "phantom" / "images" / "phantom-test-00005.png"
-    from ldmground.heatmap import load_image
+    from ldmground.method.heatmap import load_image
 
     img = load_image(path)
     if size != img.shape[0]:
@@ -86,7 +87,7 @@ PHRASE = "Right pleural effusion, large"
 
 
 def run_ldmground(pipe, image, cfg, bare: bool = False) -> dict:
-    from ldmground.grounding import ground
+    from ldmground.method.grounding import ground
 
     counter = count_calls(pipe.unet)
     if bare:
@@ -105,9 +106,9 @@ def run_ldmground(pipe, image, cfg, bare: bool = False) -> dict:
 
 def run_bare(pipe, image, cfg, counter) -> dict:
     """The UNet forwards of (a), same batches, no recorder, no post-processing."""
-    from ldmground.grounding import _DTYPES
-    from ldmground.heatmap import preprocess
-    from ldmground.inversion import ddim_invert, make_scheduler
+    from ldmground.method.grounding import _DTYPES
+    from ldmground.method.heatmap import preprocess
+    from ldmground.method.inversion import ddim_invert, make_scheduler
 
     start = time.perf_counter()
     pixels, _ = preprocess(image, pipe.image_size, cfg.resize)
@@ -152,11 +153,11 @@ class KeepEverything:
 
 
 def run_reference(pipe, image, cfg) -> dict:
-    from ldmground.attention import cross_attention_layers, minmax, upsample_map
-    from ldmground.grounding import _DTYPES
-    from ldmground.heatmap import postprocess, preprocess
-    from ldmground.inversion import inversion_timesteps, make_scheduler, split_prediction
-    from ldmground.tokens import select_tokens
+    from ldmground.method.attention import cross_attention_layers, minmax, upsample_map
+    from ldmground.method.grounding import _DTYPES
+    from ldmground.method.heatmap import postprocess, preprocess
+    from ldmground.method.inversion import inversion_timesteps, make_scheduler, split_prediction
+    from ldmground.method.tokens import select_tokens
 
     counter = count_calls(pipe.unet)
     start = time.perf_counter()
@@ -219,7 +220,7 @@ def child(args) -> None:
     pipe = build_pipeline(args.model, args.device)
     image = test_image(pipe.image_size)
     if args.variant == "ldmground":
-        from ldmground import grounding
+        from ldmground.method import grounding
 
         store_bytes = {}
         real = grounding.AttentionRecorder.__exit__

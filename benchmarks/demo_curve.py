@@ -8,11 +8,11 @@ the committed test split) with each snapshot and prints one line per snapshot an
   CURVE step=<UNet steps> layers=<group> pointing=<macro> cnr=<macro> miou=<macro> auc=<macro> text=<macro> n=<samples>
 
 ``text`` is the attention on the phrase's tokens inside the boxes over that outside them
-(:func:`ldmground.analysis.phrase_attention_ratio`): near 1 the model spreads the text over
+(:func:`ldmground.studies.probes.phrase_attention_ratio`): near 1 the model spreads the text over
 the whole image, and the maps ground only through small differences.
 
 Each image is inverted once per snapshot; every layer group is a re-aggregation of the same
-recorded maps (:mod:`ldmground.analysis`), so extra groups cost only their scoring. The
+recorded maps (:mod:`ldmground.studies`), so extra groups cost only their scoring. The
 per-sample rows of a snapshot are stored as ``--out/<step>-<config hash>-<weights hash>.csv``; a
 rerun with the same config, snapshot file, samples and groups reads them instead of grounding
 again (a run retrained into the same folder gets new rows).
@@ -36,7 +36,7 @@ METRICS = ["pointing", "cnr", "miou", "auc_roc", "text_ratio"]
 
 def ensure_val_split(folder: Path, n: int = 120) -> Path:
     """The validation split CSV, rendered (seed 1, split "val") if it is not there yet."""
-    from ldmground.phantom import generate_phantom
+    from ldmground.datasets.phantom.render import generate_phantom
 
     csv = folder / "val.csv"
     if not csv.is_file():
@@ -78,11 +78,14 @@ def main() -> None:
     import pandas as pd
     from safetensors.torch import load_file
 
-    from ldmground.analysis import cache_samples, phrase_attention_ratio, sweep
     from ldmground.config import get_preset
     from ldmground.datasets.mscxr import load_mscxr
-    from ldmground.demo import rank_settings, run_scaling_factor, snapshot_pipeline
-    from ldmground.models import sha256_file
+    from ldmground.demo.export import run_scaling_factor, snapshot_pipeline
+    from ldmground.demo.selection import rank_settings
+    from ldmground.models.folder import sha256_file
+    from ldmground.studies.cache import cache_samples
+    from ldmground.studies.probes import phrase_attention_ratio
+    from ldmground.studies.sweeps import sweep
 
     run = Path(args.run)
     val_csv = ensure_val_split(Path(args.val))

@@ -1,6 +1,6 @@
 """Which aggregation settings suit a demo model, beyond those its preset search tries.
 
-``ldmground.demo.select_demo_preset`` chooses window, layer group, blur and Otsu. This script
+``ldmground.demo.selection.select_demo_preset`` chooses window, layer group, blur and Otsu. This script
 keeps the blur and Otsu of the ``demo`` preset and crosses windows and layer groups with the
 other aggregation knobs: phrase vs class-name tokens, mean / max / median pooling, and
 per-map min-max normalisation. Each image is inverted once; every setting is a
@@ -58,11 +58,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from ldmground.analysis import cache_samples, sweep
     from ldmground.config import get_preset
     from ldmground.datasets.mscxr import load_mscxr
-    from ldmground.demo import rank_settings
-    from ldmground.models import load_pipeline
+    from ldmground.demo.selection import rank_settings
+    from ldmground.models.folder import load_pipeline
+    from ldmground.studies.cache import cache_samples
+    from ldmground.studies.sweeps import sweep
 
     preset = get_preset("demo")
     base = preset.replace(window=(0.0, 1.0), layers=None)

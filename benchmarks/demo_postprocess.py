@@ -32,7 +32,7 @@ METRICS = ["pointing", "cnr", "miou", "auc_roc"]
 
 def sharpen(raw, p: float):
     """Min-max to [0, 1], then raise to the power ``p`` (1 leaves the map as it is)."""
-    from ldmground.heatmap import minmax
+    from ldmground.method.heatmap import minmax
 
     return minmax(raw).astype("float64") ** p
 
@@ -58,13 +58,13 @@ def main() -> None:
     import pandas as pd
     from demo_curve import ensure_val_split
 
-    from ldmground.analysis import cache_samples, heatmap_from_cache, score
-    from ldmground.baselines import centre_prior
     from ldmground.config import get_preset
     from ldmground.datasets.mscxr import load_mscxr
-    from ldmground.demo import rank_settings
-    from ldmground.heatmap import postprocess
-    from ldmground.models import load_pipeline
+    from ldmground.demo.selection import rank_settings
+    from ldmground.method.heatmap import postprocess
+    from ldmground.models.folder import load_pipeline
+    from ldmground.runs.baselines import centre_prior
+    from ldmground.studies.cache import cache_samples, heatmap_from_cache, score
 
     csv = ensure_val_split(args.val)
     samples = list(load_mscxr(csv, csv.parent)[0])[: args.limit]

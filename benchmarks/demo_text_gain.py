@@ -1,7 +1,7 @@
 """Does the model use the phrase where the finding is? The text's denoising gain per category.
 
 For each validation sample (``make-phantom --split val --seed 1``, rendered here when missing;
-never the committed test split) :func:`ldmground.analysis.text_denoising_gain` compares the
+never the committed test split) :func:`ldmground.studies.probes.text_denoising_gain` compares the
 UNet's denoising error with the phrase, the empty phrase and the side-swapped phrase, inside
 and outside the true boxes. Prints one line per category and the macro mean:
 
@@ -38,9 +38,9 @@ def main() -> None:
     import pandas as pd
     from demo_curve import ensure_val_split
 
-    from ldmground.analysis import text_denoising_gain
     from ldmground.datasets.mscxr import load_mscxr
-    from ldmground.models import load_pipeline
+    from ldmground.models.folder import load_pipeline
+    from ldmground.studies.probes import text_denoising_gain
 
     val_csv = ensure_val_split(Path(args.val))
     samples = list(load_mscxr(val_csv, val_csv.parent)[0])[: args.limit]

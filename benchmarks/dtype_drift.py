@@ -32,7 +32,7 @@ COLUMNS = ["pointing", "cnr", "cnr_signed", "miou", "auc_roc"]
 
 def heatmaps(grounder, samples, root: Path, limit: int) -> list[np.ndarray]:
     """Heatmaps of the first ``limit`` samples (for the pixel-level difference)."""
-    from ldmground.heatmap import load_image
+    from ldmground.method.heatmap import load_image
 
     out = []
     for s in samples[:limit]:
@@ -57,8 +57,9 @@ def main() -> None:
 
     from ldmground.config import get_preset
     from ldmground.datasets.mscxr import load_mscxr
-    from ldmground.evaluation import DiffusionGrounder, evaluate
-    from ldmground.models import load_pipeline
+    from ldmground.models.folder import load_pipeline
+    from ldmground.runs.evaluation import evaluate
+    from ldmground.runs.grounders import DiffusionGrounder
 
     pipe = load_pipeline(args.model, device=args.device)  # once: only the autocast dtype changes
     samples, _ = load_mscxr(args.dataset, args.images, crop_size=pipe.image_size, check_files=False)

@@ -1,7 +1,7 @@
 """Is each phantom finding visible to the demo model: in its 64 px input, and in its latent?
 
 Renders ``--n`` phantoms per category with that one finding (a fixed seed), scales each to
-the model's input size and measures :func:`ldmground.analysis.finding_visibility`: the
+the model's input size and measures :func:`ldmground.studies.probes.finding_visibility`: the
 finding's contrast against a 2-pixel band around it, in the image and in the VAE's
 reconstruction. One line per category, means over the samples (``kept``: median share of
 the contrast the VAE keeps):
@@ -31,10 +31,11 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from ldmground.analysis import finding_visibility
-    from ldmground.heatmap import preprocess
-    from ldmground.models import load_pipeline
-    from ldmground.phantom import CATEGORIES, render_sample
+    from ldmground.datasets.phantom.anatomy import CATEGORIES
+    from ldmground.datasets.phantom.render import render_sample
+    from ldmground.method.heatmap import preprocess
+    from ldmground.models.folder import load_pipeline
+    from ldmground.studies.probes import finding_visibility
 
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)

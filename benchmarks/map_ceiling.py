@@ -1,7 +1,7 @@
 """How far a layer's map resolution alone limits the grounding metrics.
 
 For each side in ``--sides``, every sample's true boxes are averaged over side x side cells
-and upsampled back (:func:`ldmground.baselines.oracle_at`), post-processed with the preset
+and upsampled back (:func:`ldmground.runs.baselines.oracle_at`), post-processed with the preset
 (blur, Otsu) and scored like a heatmap. A perfect map of that resolution scores this; a
 model's maps at that resolution can only score less. One line per side:
 
@@ -31,12 +31,12 @@ def main() -> None:
 
     import pandas as pd
 
-    from ldmground.baselines import oracle_at
     from ldmground.config import get_preset
     from ldmground.datasets.mscxr import load_mscxr
-    from ldmground.demo import rank_settings
-    from ldmground.heatmap import Geometry, postprocess
+    from ldmground.demo.selection import rank_settings
+    from ldmground.method.heatmap import Geometry, postprocess
     from ldmground.metrics import all_metrics
+    from ldmground.runs.baselines import oracle_at
 
     cfg = get_preset(args.preset)
     samples, _ = load_mscxr(args.csv, args.images or Path(args.csv).parent, check_files=False)

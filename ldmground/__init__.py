@@ -9,11 +9,11 @@ Typical use::
     result.heatmap  # (H, W) in [0, 1], NaN outside the model's field of view
 """
 
-__version__ = "0.1.0"
-
+from . import _compat  # noqa: E402
+from ._version import __version__  # noqa: E402
 from .config import PRESETS, GroundingConfig, get_preset  # noqa: E402
 from .errors import LdmGroundError  # noqa: E402
-from .heatmap import load_image  # noqa: E402
+from .method.heatmap import load_image  # noqa: E402
 
 __all__ = [
     "PRESETS",
@@ -30,11 +30,14 @@ __all__ = [
 def __getattr__(name: str):
     # torch and diffusers load only when a model-facing name is used.
     if name == "ground":
-        from .grounding import ground
+        from .method.grounding import ground
 
         return ground
     if name == "load_pipeline":
-        from .models import load_pipeline
+        from .models.folder import load_pipeline
 
         return load_pipeline
     raise AttributeError(name)
+
+
+_compat.install()

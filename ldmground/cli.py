@@ -74,7 +74,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
 def _config(args: argparse.Namespace) -> GroundingConfig:
     preset = args.preset
     if preset is None:
-        from .models import default_preset_of
+        from .models.folder import default_preset_of
 
         preset = default_preset_of(args.model)
     cfg = get_preset(preset)
@@ -97,10 +97,10 @@ def _config(args: argparse.Namespace) -> GroundingConfig:
 
 
 def cmd_ground(args: argparse.Namespace) -> int:
-    from .grounding import ground
-    from .heatmap import load_image
-    from .models import load_pipeline
-    from .overlay import save_heatmap_pngs
+    from .method.grounding import ground
+    from .method.heatmap import load_image
+    from .models.folder import load_pipeline
+    from .studies.overlay import save_heatmap_pngs
 
     cfg = _config(args)
     pipe = load_pipeline(args.model, text_encoder=args.text_encoder, device=args.device)
@@ -142,7 +142,7 @@ def _run_workers(args: argparse.Namespace) -> list[int]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate, make_grounder, parse_shard
+    from .runs.evaluation import evaluate, make_grounder, parse_shard
 
     cfg = _config(args)
     if args.workers > 1:
@@ -208,7 +208,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_make_phantom(args: argparse.Namespace) -> int:
-    from .phantom import generate_phantom
+    from .datasets.phantom.render import generate_phantom
 
     start = time.perf_counter()
     df = generate_phantom(
@@ -221,7 +221,7 @@ def cmd_make_phantom(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_monai(args: argparse.Namespace) -> int:
-    from .convert_monai import convert_monai
+    from .models.monai.convert import convert_monai
 
     out = convert_monai(
         args.bundle_dir,
@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert_monai)
 
     try:
-        from .demo import add_train_parser
+        from .demo.command import add_train_parser
     except ImportError:
         pass
     else:

@@ -20,7 +20,7 @@ BlurMode = Literal["reflect", "nearest"]
 InversionStep = Literal["ddim", "lagged"]
 
 # MS-CXR's eight finding categories, spelled as in its CSV (the phantom set's too,
-# ``ldmground.phantom.CATEGORIES``): the default reference phrases of ``contrast``.
+# ``ldmground.datasets.phantom.anatomy.CATEGORIES``): the default reference phrases of ``contrast``.
 FINDING_NAMES = (
     "Atelectasis",
     "Cardiomegaly",
@@ -55,11 +55,11 @@ class GroundingConfig:
             ``[round(start N), round(stop N))`` of the ascending (inversion) order.
             The paper uses ``(0.4, 0.6)`` -> indices 120..179 for N=300.
         layers: cross-attention layer indices in the UNet's forward order
-            (see :func:`ldmground.attention.cross_attention_layers`); ``None`` means all.
+            (see :func:`ldmground.method.attention.cross_attention_layers`); ``None`` means all.
         tokens: ``"phrase"`` averages all tokens of the phrase (no start/end/padding);
             ``"class"`` keeps only the tokens of the words of the finding's class name, and
             all phrase tokens (with a note) when none occurs; ``"class-span"`` is the
-            authors' attribution selection (:func:`ldmground.tokens.class_span`), and no map
+            authors' attribution selection (:func:`ldmground.method.tokens.class_span`), and no map
             (all NaN) when the class name does not occur.
         normalize_maps: min-max normalise each (layer, timestep) map before pooling.
         pooling: how the (layer, timestep) maps are combined.
@@ -207,7 +207,7 @@ PRESETS: dict[str, GroundingConfig] = {
     # 40..59, on the authors' grid t = 10 k + 9 -> t = 409..599; everything else as ``paper``.
     "midl26": GroundingConfig(num_inference_steps=100),
     # Settings for the phantom demo model, chosen on a 120-sample validation split (seed 1,
-    # never the committed test split) by ldmground.demo.select_demo_preset, as the best
+    # never the committed test split) by ldmground.demo.selection.select_demo_preset, as the best
     # pointing + CNR among the settings with Otsu (without it mIoU has no mask to score): its
     # three 8x8 cross-attention layers, steps 2..11 of 25, 0.8 x the eight finding names' mean
     # map subtracted (not in the paper), blur 32 px at 512 (4 px of its 64-px input), Otsu.

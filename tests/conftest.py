@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_pipe():
-    from ldmground.models import load_pipeline
+    from ldmground.models.folder import load_pipeline
 
     return load_pipeline("tiny")
 

@@ -7,7 +7,7 @@ import pandas as pd
 from PIL import Image
 
 from ldmground.config import GroundingConfig
-from ldmground.phantom import MSCXR_COLUMNS
+from ldmground.datasets.phantom.anatomy import MSCXR_COLUMNS
 
 # Few steps, same structure as the paper preset: cheap enough for every test.
 QUICK = GroundingConfig(num_inference_steps=10, window=(0.4, 0.6), sigma=2.5, otsu=True)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from ldmground.attention import AttentionRecorder, PhraseRow, cross_attention_layers
 from ldmground.errors import LdmGroundError
+from ldmground.method.attention import AttentionRecorder, PhraseRow, cross_attention_layers
 
 
 def _inputs(unet, batch=2, seed=0):

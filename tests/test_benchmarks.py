@@ -79,7 +79,8 @@ def test_demo_curve_scores_every_snapshot(tmp_path):
     import numpy as np
     from safetensors.torch import save_file
 
-    from ldmground.demo import DemoTrainConfig, demo_unet, demo_vae, make_training_set
+    from ldmground.demo.networks import demo_unet, demo_vae
+    from ldmground.demo.training import DemoTrainConfig, make_training_set
 
     val = _val_split(tmp_path)
     run = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""BioViL / BioViL-T baselines (ldmground.biovil), offline: the real network classes with
+"""BioViL / BioViL-T baselines (ldmground.models.biovil), offline: the real network classes with
 random weights (small widths where the class allows it), hand-made embeddings, and, where
 PyPI ``hi-ml-multimodal`` is installed (requirements-nodeps.txt), its own text model and
 post-processing as the reference."""
@@ -19,8 +19,38 @@ import pytest
 import torch
 from PIL import Image
 
-from ldmground import biovil as B
 from ldmground.errors import LdmGroundError
+from ldmground.models.biovil import (
+    BERT_BASE,
+    RESIZE,
+    SMALL,
+    SMALL_BERT,
+    SMOOTH_SIGMA,
+    VARIANTS,
+    BiovilImageModel,
+    CxrBertTextModel,
+    ResNet50,
+    bert_tokenizer,
+    build_biovil_networks,
+    load_image_state,
+    load_text_state,
+    toy_vocab,
+    variant,
+)
+from ldmground.runs.biovil import (
+    BiovilGrounder,
+    clamp_at_zero,
+    crop_origin,
+    grid_to_original,
+    grounder_from_spec,
+    make_biovil_grounder,
+    parse_biovil_spec,
+    preprocess,
+    random_biovil_grounder,
+    remap_to_uint8,
+    resized_size,
+    similarity_grid,
+)
 
 KINDS = ["biovil", "biovil-t"]
 
@@ -35,7 +65,7 @@ def xray(width: int, height: int, seed: int = 0) -> np.ndarray:
     return (img / 255.0).astype(np.float32)
 
 
-def spread(g: B.BiovilGrounder) -> B.BiovilGrounder:
+def spread(g: BiovilGrounder) -> BiovilGrounder:
     """Random-init embeddings barely depend on the input (cosine ~0.99 between phrases); wider
     weights and no output biases make them differ, as trained ones do."""
     with torch.no_grad():
@@ -49,23 +79,23 @@ def spread(g: B.BiovilGrounder) -> B.BiovilGrounder:
 
 @pytest.fixture(scope="module", params=KINDS)
 def grounder(request):
-    return spread(B.random_biovil_grounder(request.param, small=True, seed=0))
+    return spread(random_biovil_grounder(request.param, small=True, seed=0))
 
 
 # --- facts taken from hi-ml-multimodal 0.2.2 and eval_biovil_t.py ---------------------------
 
 
 def test_variants_follow_himl():
-    assert (B.VARIANTS["biovil"].crop_size, B.VARIANTS["biovil-t"].crop_size) == (480, 448)
-    assert B.RESIZE == 512 and B.SMOOTH_SIGMA == 1.5
-    assert B.VARIANTS["biovil"].repo_id == "microsoft/BiomedVLP-CXR-BERT-specialized"
-    assert B.VARIANTS["biovil-t"].repo_id == "microsoft/BiomedVLP-BioViL-T"
-    assert not B.VARIANTS["biovil"].multi_image and B.VARIANTS["biovil-t"].multi_image
+    assert (VARIANTS["biovil"].crop_size, VARIANTS["biovil-t"].crop_size) == (480, 448)
+    assert RESIZE == 512 and SMOOTH_SIGMA == 1.5
+    assert VARIANTS["biovil"].repo_id == "microsoft/BiomedVLP-CXR-BERT-specialized"
+    assert VARIANTS["biovil-t"].repo_id == "microsoft/BiomedVLP-BioViL-T"
+    assert not VARIANTS["biovil"].multi_image and VARIANTS["biovil-t"].multi_image
 
 
 def test_resnet50_has_torchvision_layout():
     """torchvision's resnet50(): 320 state-dict entries, 25,557,032 parameters."""
-    net = B.ResNet50()
+    net = ResNet50()
     sd = net.state_dict()
     assert len(sd) == 320
     assert sum(p.numel() for p in net.parameters()) == 25_557_032
@@ -78,9 +108,9 @@ def test_resnet50_has_torchvision_layout():
 
 @pytest.mark.parametrize("kind, grid, feat", [("biovil", 15, 2048), ("biovil-t", 14, 512)])
 def test_full_size_image_model(kind, grid, feat):
-    model = B.BiovilImageModel(B.VARIANTS[kind].multi_image).eval()
+    model = BiovilImageModel(VARIANTS[kind].multi_image).eval()
     assert model.encoder.out_channels == feat
-    crop = B.VARIANTS[kind].crop_size
+    crop = VARIANTS[kind].crop_size
     emb = model.patch_embeddings(torch.rand(1, 3, crop, crop))
     assert emb.shape == (1, grid, grid, 128)
     assert torch.allclose(emb.norm(dim=-1), torch.ones(1, grid, grid), atol=1e-5)
@@ -107,11 +137,11 @@ def test_preprocess_matches_plain_transform(width, height, crop, resized, origin
     left, top = origin
     plain = Image.fromarray(u8).resize(resized, Image.BILINEAR).crop((left, top, left + crop, top + crop))
     expected = np.asarray(plain, dtype=np.float32) / 255
-    x = B.preprocess(img, crop)
+    x = preprocess(img, crop)
     assert x.shape == (1, 3, crop, crop) and x.dtype == torch.float32
     for c in range(3):
         np.testing.assert_array_equal(x[0, c].numpy(), expected)
-    assert B.resized_size(width, height) == resized and B.crop_origin(*resized, crop) == origin
+    assert resized_size(width, height) == resized and crop_origin(*resized, crop) == origin
 
 
 def test_intensity_remap_like_himl_load_image():
@@ -119,13 +149,13 @@ def test_intensity_remap_like_himl_load_image():
     rng = np.random.default_rng(3)
     k = rng.integers(40, 201, (30, 40)).astype(np.float64)
     expected = ((k - k.min()) / (k - k.min()).max() * 255).astype(np.uint8)
-    np.testing.assert_array_equal(B.remap_to_uint8((k / 255).astype(np.float32)), expected)
+    np.testing.assert_array_equal(remap_to_uint8((k / 255).astype(np.float32)), expected)
     k16 = rng.integers(1000, 60001, (30, 40)).astype(np.float64)
     expected16 = ((k16 - k16.min()) / (k16 - k16.min()).max() * 255).astype(np.uint8)
-    np.testing.assert_array_equal(B.remap_to_uint8((k16 / 65535).astype(np.float32)), expected16)
+    np.testing.assert_array_equal(remap_to_uint8((k16 / 65535).astype(np.float32)), expected16)
     full = np.arange(256, dtype=np.float64)  # 8-bit image already spanning 0..255: unchanged
-    np.testing.assert_array_equal(B.remap_to_uint8((full / 255).astype(np.float32)), full.astype(np.uint8))
-    assert B.remap_to_uint8(np.full((4, 4), 0.5, np.float32)).max() == 0  # constant image
+    np.testing.assert_array_equal(remap_to_uint8((full / 255).astype(np.float32)), full.astype(np.uint8))
+    assert remap_to_uint8(np.full((4, 4), 0.5, np.float32)).max() == 0  # constant image
 
 
 # --- heatmap geometry, clamping, hand-made embeddings ----------------------------------------
@@ -140,7 +170,7 @@ def test_intensity_remap_like_himl_load_image():
     ],
 )
 def test_heatmap_shape_and_nan_strips(kind, side, pad):
-    g = spread(B.random_biovil_grounder(kind, small=True))
+    g = spread(random_biovil_grounder(kind, small=True))
     hm = g(xray(700, 600), ["left effusion"], [[]]).maps[0]
     assert hm.shape == (600, 700) and hm.dtype == np.float32
     left, right, top, bottom = pad
@@ -152,13 +182,13 @@ def test_heatmap_shape_and_nan_strips(kind, side, pad):
 
 def test_negative_similarity_becomes_zero(grounder):
     raw = np.array([[np.nan, -0.5, 0.0], [0.25, -1e-6, np.nan]], np.float32)
-    out = B.clamp_at_zero(raw)
+    out = clamp_at_zero(raw)
     np.testing.assert_array_equal(np.isnan(out), np.isnan(raw))
     np.testing.assert_array_equal(out[~np.isnan(out)], [0.0, 0.0, 0.25, 0.0])
     img = xray(300, 260)
     patches = grounder.patch_embeddings(img)
     text = -patches[3, 5]  # cosine -1 with one patch
-    grid = B.similarity_grid(patches, text, grounder.sigma)
+    grid = similarity_grid(patches, text, grounder.sigma)
     assert grid.min() < 0
     hm = grounder.heatmap(patches, text, 300, 260)
     finite = hm[np.isfinite(hm)]
@@ -190,7 +220,7 @@ def test_text_equal_to_a_patch_embedding_peaks_there(grounder):
     try:
         hm = grounder.heatmap(patches, patches[i, j], width, height)
     finally:
-        grounder.sigma = B.SMOOTH_SIGMA
+        grounder.sigma = SMOOTH_SIGMA
     assert np.nanmax(hm) == pytest.approx(1.0, abs=1e-5)
     np.testing.assert_array_equal(hm == np.nanmax(hm), _block_of(i, j, n, width, height, crop))
     # hand-made orthogonal patch embeddings, with the smoothing: a Gaussian centred there
@@ -201,7 +231,7 @@ def test_text_equal_to_a_patch_embedding_peaks_there(grounder):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_phrase_change_changes_the_map(kind):
-    g = spread(B.random_biovil_grounder(kind, small=True))
+    g = spread(random_biovil_grounder(kind, small=True))
     img = xray(400, 350)
     # Random patch embeddings all point much the same way, so most phrases come out negative
     # everywhere (all 0 after the clamp); a text-head bias along their mean makes them positive.
@@ -228,19 +258,19 @@ def test_check_phrase(grounder):
 
 
 def test_image_state_loading():
-    model = B.BiovilImageModel(True, **B.SMALL)
+    model = BiovilImageModel(True, **SMALL)
     state = dict(model.state_dict())
     state["encoder.vit_pooler.blocks.0.attn.proj_q.weight"] = torch.zeros(16, 16)  # BioViL-T's unused pooler
-    B.load_image_state(model, state, "ok")
-    single = B.BiovilImageModel(False, **B.SMALL)
+    load_image_state(model, state, "ok")
+    single = BiovilImageModel(False, **SMALL)
     with pytest.raises(LdmGroundError, match="unexpected"):
-        B.load_image_state(single, dict(single.state_dict(), **{"encoder.vit_pooler.x": torch.zeros(1)}))
+        load_image_state(single, dict(single.state_dict(), **{"encoder.vit_pooler.x": torch.zeros(1)}))
     partial = {k: v for k, v in single.state_dict().items() if not k.startswith("projector.")}
     with pytest.raises(LdmGroundError, match="missing"):
-        B.load_image_state(single, partial)
+        load_image_state(single, partial)
 
 
-def _cxr_bert_checkpoint(text: B.CxrBertTextModel) -> dict[str, torch.Tensor]:
+def _cxr_bert_checkpoint(text: CxrBertTextModel) -> dict[str, torch.Tensor]:
     """A CXRBertModel-style state dict: bert.*, cls_projection_head.*, plus the MLM head and the
     position-id buffer that transformers 4.x checkpoints carry."""
     state = dict(text.state_dict())
@@ -252,13 +282,13 @@ def _cxr_bert_checkpoint(text: B.CxrBertTextModel) -> dict[str, torch.Tensor]:
 
 
 def test_text_state_loading():
-    _, text = B.build_biovil_networks("biovil", small=True, seed=1, vocab_size=50)
-    _, other = B.build_biovil_networks("biovil", small=True, seed=2, vocab_size=50)
-    B.load_text_state(other, _cxr_bert_checkpoint(text), "ok")
+    _, text = build_biovil_networks("biovil", small=True, seed=1, vocab_size=50)
+    _, other = build_biovil_networks("biovil", small=True, seed=2, vocab_size=50)
+    load_text_state(other, _cxr_bert_checkpoint(text), "ok")
     ids = torch.tensor([[2, 10, 11, 3]])
     torch.testing.assert_close(other.embed(ids, torch.ones_like(ids)), text.embed(ids, torch.ones_like(ids)))
     with pytest.raises(LdmGroundError, match="unexpected"):
-        B.load_text_state(other, dict(text.state_dict(), **{"bert.extra": torch.zeros(1)}))
+        load_text_state(other, dict(text.state_dict(), **{"bert.extra": torch.zeros(1)}))
 
 
 def _md5(path: Path) -> str:
@@ -267,25 +297,25 @@ def _md5(path: Path) -> str:
 
 def test_grounder_from_a_weights_folder(tmp_path, monkeypatch):
     """The Hub repo's files in a folder: full-size image model, a small CXR-BERT config."""
-    v = B.VARIANTS["biovil-t"]
-    vocab = B.toy_vocab()
+    v = VARIANTS["biovil-t"]
+    vocab = toy_vocab()
     (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True, "tokenizer_class": "X"}))
-    cfg = {**B.BERT_BASE, **B.SMALL_BERT, "projection_size": 128, "vocab_size": len(vocab), "model_type": "cxr-bert"}
+    cfg = {**BERT_BASE, **SMALL_BERT, "projection_size": 128, "vocab_size": len(vocab), "model_type": "cxr-bert"}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     torch.manual_seed(0)
-    text = B.CxrBertTextModel(cfg).eval()
+    text = CxrBertTextModel(cfg).eval()
     torch.save(_cxr_bert_checkpoint(text), tmp_path / "pytorch_model.bin")
-    image = B.BiovilImageModel(True)
+    image = BiovilImageModel(True)
     state = dict(image.state_dict(), **{"encoder.vit_pooler.norm_post.weight": torch.ones(256)})
     torch.save(state, tmp_path / v.image_weights)
 
     with pytest.raises(LdmGroundError, match="MD5"):
-        B.make_biovil_grounder("biovil-t", str(tmp_path))
+        make_biovil_grounder("biovil-t", str(tmp_path))
     monkeypatch.setitem(
-        B.VARIANTS, "biovil-t", dataclasses.replace(v, image_weights_md5=_md5(tmp_path / v.image_weights))
+        VARIANTS, "biovil-t", dataclasses.replace(v, image_weights_md5=_md5(tmp_path / v.image_weights))
     )
-    g = B.grounder_from_spec(f"biovil-t:{tmp_path}")
+    g = grounder_from_spec(f"biovil-t:{tmp_path}")
     assert g.spec == f"biovil-t:{tmp_path}" and g.image_size == 448
     assert {p.name for p in g.weight_files} == {v.image_weights, "pytorch_model.bin", "vocab.txt", "config.json"}
     for k, t in image.state_dict().items():
@@ -297,7 +327,7 @@ def test_grounder_from_a_weights_folder(tmp_path, monkeypatch):
 
     (tmp_path / "pytorch_model.bin").unlink()
     with pytest.raises(LdmGroundError, match="lacks"):
-        B.make_biovil_grounder("biovil-t", str(tmp_path))
+        make_biovil_grounder("biovil-t", str(tmp_path))
 
 
 def test_hub_weights_offline_without_cache(tmp_path, monkeypatch):
@@ -306,26 +336,26 @@ def test_hub_weights_offline_without_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     with pytest.raises(LdmGroundError, match=r"microsoft/BiomedVLP-CXR-BERT-specialized@v1\.1"):
-        B.make_biovil_grounder("biovil")
+        make_biovil_grounder("biovil")
 
 
 def test_specs():
-    assert B.parse_biovil_spec("biovil") == ("biovil", None)
-    assert B.parse_biovil_spec("biovil-t:/data/w") == ("biovil-t", "/data/w")
-    assert B.parse_biovil_spec("biovil:random") == ("biovil", "random")
-    assert B.parse_biovil_spec("tiny") is None and B.parse_biovil_spec("biovilx") is None
+    assert parse_biovil_spec("biovil") == ("biovil", None)
+    assert parse_biovil_spec("biovil-t:/data/w") == ("biovil-t", "/data/w")
+    assert parse_biovil_spec("biovil:random") == ("biovil", "random")
+    assert parse_biovil_spec("tiny") is None and parse_biovil_spec("biovilx") is None
     with pytest.raises(LdmGroundError):
-        B.variant("biovil-x")
+        variant("biovil-x")
 
 
 def test_evaluate_runs_with_the_biovil_grounder(tmp_path):
     from ldmground.config import GroundingConfig
-    from ldmground.evaluation import evaluate
+    from ldmground.runs.evaluation import evaluate
 
     from .helpers import write_dataset
 
     csv = write_dataset(tmp_path / "ds", n_images=2)
-    g = spread(B.random_biovil_grounder("biovil", small=True))
+    g = spread(random_biovil_grounder("biovil", small=True))
     report = evaluate(g, csv, None, tmp_path / "out", GroundingConfig(), progress=False)
     assert report.failed == 0 and report.succeeded == 3
     assert set(report.results["model"]) == {"biovil:random"}
@@ -361,20 +391,20 @@ def test_text_embedding_equals_himl(himl):
     cxr = himl("text.model.modelling_cxrbert")
     conf = himl("text.model.configuration_cxrbert")
     engine_mod = himl("text.inference_engine")
-    cfg = conf.CXRBertConfig(**{**B.BERT_BASE, **B.SMALL_BERT, "vocab_size": len(B.toy_vocab())})
+    cfg = conf.CXRBertConfig(**{**BERT_BASE, **SMALL_BERT, "vocab_size": len(toy_vocab())})
     torch.manual_seed(5)
     ref = cxr.CXRBertModel(cfg).eval()
     with torch.no_grad():
         for p in ref.parameters():
             if p.dim() == 2:
                 p.normal_(std=0.5)
-    ours = B.CxrBertTextModel(cfg.to_dict())
-    B.load_text_state(ours, ref.state_dict(), "hi-ml")
-    tok = B.bert_tokenizer(B.toy_vocab())
+    ours = CxrBertTextModel(cfg.to_dict())
+    load_text_state(ours, ref.state_dict(), "hi-ml")
+    tok = bert_tokenizer(toy_vocab())
     # hi-ml 0.2.2 calls batch_encode_plus, which transformers 5 dropped: same call, new name
     tok.batch_encode_plus = lambda batch_text_or_text_pairs, **kw: tok(batch_text_or_text_pairs, **kw)
     engine = engine_mod.TextInferenceEngine(tok, ref)
-    g = B.BiovilGrounder("biovil", B.BiovilImageModel(False, **B.SMALL), ours, tok)
+    g = BiovilGrounder("biovil", BiovilImageModel(False, **SMALL), ours, tok)
     for phrase in ["Small left pleural effusion.", "cardiomegaly!", "[MASK] opacity"]:
         want = engine.get_embeddings_from_prompt(phrase, verbose=False)[0]
         torch.testing.assert_close(g.text_embedding(phrase), want, rtol=0, atol=1e-6)
@@ -382,7 +412,7 @@ def test_text_embedding_equals_himl(himl):
 
 def test_projector_equals_himl_mlp(himl):
     mlp = himl("image.model.modules").MLP(input_dim=2048, output_dim=128, hidden_dim=128, use_1x1_convs=True).eval()
-    ours = B.BiovilImageModel(False).projector
+    ours = BiovilImageModel(False).projector
     ours.load_state_dict(mlp.state_dict())
     x = torch.randn(1, 2048, 3, 3)
     torch.testing.assert_close(ours.model.eval()(x), mlp(x))
@@ -398,5 +428,5 @@ def test_similarity_map_equals_himl(himl, crop, n):
         t = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(1, 128))).float(), dim=-1)
         grid = engine._get_similarity_map_from_embeddings(p, t)
         want = engine.convert_similarity_to_image_size(grid, width, height, 512, crop, None, "nearest")
-        got = B.grid_to_original(B.similarity_grid(p, t[0]), width, height, crop)
+        got = grid_to_original(similarity_grid(p, t[0]), width, height, crop)
         np.testing.assert_array_equal(got, want)

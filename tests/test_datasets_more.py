@@ -16,17 +16,13 @@ import pytest
 from PIL import Image
 
 from ldmground.cli import main
-from ldmground.datasets import (
-    DEFAULT_TEMPLATE,
-    detect_format,
-    load_chestxray8,
-    load_dataset,
-    load_mscxr,
-    load_vindr,
-)
-from ldmground.datasets._boxes import image_size
+from ldmground.datasets._boxes import DEFAULT_TEMPLATE, image_size
+from ldmground.datasets.chestxray8 import load_chestxray8
+from ldmground.datasets.loader import detect_format, load_dataset
+from ldmground.datasets.mscxr import load_mscxr
+from ldmground.datasets.vindr import load_vindr
 from ldmground.errors import LdmGroundError
-from ldmground.heatmap import load_image
+from ldmground.method.heatmap import load_image
 
 from .helpers import blob_image, write_dataset
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from ldmground.demo import DEMO_DIR, swap_sides, verify_hashes
 from ldmground.errors import LdmGroundError
+from ldmground.method.tokens import swap_sides
+from ldmground.models.folder import DEMO_DIR, verify_hashes
 
 
 def test_swap_sides():
@@ -33,10 +34,10 @@ def test_demo_reads_the_side_word():
     """On lateral findings of the committed split, the true phrase's heatmap is higher in the
     box than the same phrase with left/right swapped (the model uses the text)."""
     from ldmground.datasets.mscxr import load_mscxr
-    from ldmground.grounding import ground
-    from ldmground.heatmap import load_image
+    from ldmground.method.grounding import ground
+    from ldmground.method.heatmap import load_image
     from ldmground.metrics import cnr
-    from ldmground.models import load_pipeline
+    from ldmground.models.folder import load_pipeline
 
     pipe = load_pipeline("demo")
     samples, _ = load_mscxr(DEMO_DIR.parent / "phantom" / "test.csv")
@@ -51,8 +52,10 @@ def test_demo_reads_the_side_word():
 
 
 def test_export_demo_writes_a_loadable_hashed_folder(tmp_path):
-    from ldmground.demo import DemoTrainConfig, demo_unet, demo_vae, export_demo
-    from ldmground.models import load_pipeline
+    from ldmground.demo.networks import demo_unet, demo_vae
+    from ldmground.demo.export import export_demo
+    from ldmground.demo.training import DemoTrainConfig
+    from ldmground.models.folder import load_pipeline
 
     unet = demo_unet(384)
     dest = export_demo(demo_vae(), unet, 0.5, DemoTrainConfig(), 123, tmp_path / "model", {"machine": "test"})
@@ -74,8 +77,8 @@ def test_export_demo_writes_a_loadable_hashed_folder(tmp_path):
 def test_min_snr_weight_caps_the_clean_timesteps():
     from diffusers import DDIMScheduler
 
-    from ldmground.demo import min_snr_weight
-    from ldmground.models import PAPER_SCHEDULER
+    from ldmground.demo.training import min_snr_weight
+    from ldmground.models.tiny import PAPER_SCHEDULER
 
     sched = DDIMScheduler.from_config(PAPER_SCHEDULER)
     t = torch.arange(0, 1000, 37)
@@ -91,7 +94,7 @@ def test_min_snr_weight_caps_the_clean_timesteps():
 
 
 def test_training_set_draws_the_configured_number_of_findings():
-    from ldmground.demo import DemoTrainConfig, make_training_set
+    from ldmground.demo.training import DemoTrainConfig, make_training_set
 
     counts = {}
     for three, two in [(1.0, 0.0), (0.0, 0.0)]:
@@ -115,8 +118,8 @@ def test_training_set_draws_the_configured_number_of_findings():
     ],
 )
 def test_demo_unet_reads_the_text_only_at_the_chosen_latent_sizes(latent, levels, sizes):
-    from ldmground.attention import AttentionRecorder, PhraseRow
-    from ldmground.demo import demo_unet
+    from ldmground.demo.networks import demo_unet
+    from ldmground.method.attention import AttentionRecorder, PhraseRow
 
     unet = demo_unet(32, seed=0, cross_attention_at=levels, latent_size=latent).eval()
     with AttentionRecorder(unet, keep_maps=True) as rec:
@@ -130,7 +133,7 @@ def test_demo_unet_reads_the_text_only_at_the_chosen_latent_sizes(latent, levels
 
 @pytest.mark.parametrize(("factor", "side"), [(4, 16), (2, 32)])
 def test_demo_vae_latent_side_follows_its_factor(factor, side):
-    from ldmground.demo import demo_vae
+    from ldmground.demo.networks import demo_vae
 
     vae = demo_vae(factor=factor).eval()
     with torch.no_grad():
@@ -142,7 +145,7 @@ def test_demo_vae_latent_side_follows_its_factor(factor, side):
 
 
 def test_demo_unet_rejects_an_unknown_latent_size():
-    from ldmground.demo import demo_unet
+    from ldmground.demo.networks import demo_unet
 
     with pytest.raises(ValueError, match="cross_attention_at"):
         demo_unet(32, cross_attention_at="16,4")  # the 4x4 level of a 16x16 latent
@@ -155,8 +158,9 @@ def test_demo_unet_rejects_an_unknown_latent_size():
 def test_train_demo_checkpoints_resumes_and_exports_a_finer_latent(tmp_path):
     from safetensors.torch import load_file
 
-    from ldmground.demo import DemoTrainConfig, train_demo
-    from ldmground.models import load_pipeline
+    from ldmground.demo.export import train_demo
+    from ldmground.demo.training import DemoTrainConfig
+    from ldmground.models.folder import load_pipeline
 
     cfg = DemoTrainConfig(
         out=str(tmp_path / "run"), n_train=6, render_size=64, vae_steps=2, vae_batch=2, steps=4, batch=2,
@@ -195,7 +199,8 @@ def test_train_demo_checkpoints_resumes_and_exports_a_finer_latent(tmp_path):
 def test_train_demo_fine_tunes_a_model_folder_with_a_cool_down(tmp_path):
     from safetensors.torch import load_file
 
-    from ldmground.demo import DemoTrainConfig, run_scaling_factor, snapshot_pipeline, train_demo
+    from ldmground.demo.export import run_scaling_factor, snapshot_pipeline, train_demo
+    from ldmground.demo.training import DemoTrainConfig
 
     base = DemoTrainConfig(
         out=str(tmp_path / "base"), n_train=6, render_size=64, vae_steps=2, vae_batch=2, steps=2, batch=2,
@@ -253,7 +258,8 @@ def test_train_demo_fine_tunes_a_model_folder_with_a_cool_down(tmp_path):
 
 
 def test_text_sink_puts_the_empty_phrase_before_every_phrase():
-    from ldmground.models import encode_phrases, load_text_components
+    from ldmground.models.pipeline import encode_phrases
+    from ldmground.models.text import load_text_components
 
     tok, enc, info = load_text_components("minilm")
     phrases = ["Small left pleural effusion", "Cardiomegaly"]
@@ -286,9 +292,11 @@ class _KeepProbs:
 
 def test_grounding_a_text_sink_model_reads_the_phrase_keys_after_the_sink(tmp_path):
     from ldmground.config import get_preset
-    from ldmground.demo import DemoTrainConfig, demo_unet, demo_vae, export_demo
-    from ldmground.grounding import run_attention
-    from ldmground.models import load_pipeline
+    from ldmground.demo.networks import demo_unet, demo_vae
+    from ldmground.demo.export import export_demo
+    from ldmground.demo.training import DemoTrainConfig
+    from ldmground.method.grounding import run_attention
+    from ldmground.models.folder import load_pipeline
 
     cfg = DemoTrainConfig(text_sink=True)
     dest = export_demo(demo_vae(), demo_unet(384, seed=3), 0.5, cfg, 1, tmp_path / "model", {})
@@ -298,7 +306,7 @@ def test_grounding_a_text_sink_model_reads_the_phrase_keys_after_the_sink(tmp_pa
     name = sorted(n for n in layer if "attn2" in n)[0]
     keeper = _KeepProbs()
     pipe.unet.set_attn_processor({**layer, name: keeper})
-    from ldmground.attention import cross_attention_layers
+    from ldmground.method.attention import cross_attention_layers
 
     index = cross_attention_layers(pipe.unet).index(name)
     config = get_preset("demo").replace(layers=[index], num_inference_steps=3, window=(0.0, 1.0), normalize_maps=False)
@@ -330,14 +338,8 @@ def test_train_demo_command_line_reads_the_fine_tune_options():
 
 
 def test_category_weights_draw_the_named_categories_more_often(tmp_path):
-    from ldmground.demo import (
-        DemoTrainConfig,
-        TrainingSet,
-        make_training_set,
-        pair_mask_weights,
-        pair_weights,
-        train_demo,
-    )
+    from ldmground.demo.export import train_demo
+    from ldmground.demo.training import DemoTrainConfig, TrainingSet, make_training_set, pair_mask_weights, pair_weights
 
     cfg = DemoTrainConfig(render_size=64, image_size=32, two_finding_fraction=1.0)
     data = make_training_set(12, seed=5, split="train", cfg=cfg, progress=False)
@@ -388,7 +390,7 @@ def test_category_weights_draw_the_named_categories_more_often(tmp_path):
 def test_select_demo_preset_adds_contrast_to_the_best_settings(tiny_pipe, tmp_path):
     import pandas as pd
 
-    from ldmground.demo import select_demo_preset
+    from ldmground.demo.selection import select_demo_preset
 
     phantom = DEMO_DIR.parent / "phantom"
     csv = tmp_path / "val.csv"
@@ -417,7 +419,8 @@ def test_select_demo_preset_adds_contrast_to_the_best_settings(tiny_pipe, tmp_pa
 
 
 def test_train_demo_refuses_a_device_it_cannot_use(tmp_path):
-    from ldmground.demo import DemoTrainConfig, machine_description, train_demo, training_device
+    from ldmground.demo.export import train_demo
+    from ldmground.demo.training import DemoTrainConfig, machine_description, training_device
 
     assert training_device(DemoTrainConfig()) == torch.device("cpu")
     bad = ["tpu", "mps"] + ([] if torch.cuda.is_available() else ["cuda"])
@@ -434,7 +437,9 @@ def test_train_demo_refuses_a_device_it_cannot_use(tmp_path):
 def test_train_demo_on_cuda_draws_the_cpu_run_batches(tmp_path):
     from safetensors.torch import load_file
 
-    from ldmground.demo import DemoTrainConfig, demo_unet, train_demo
+    from ldmground.demo.export import train_demo
+    from ldmground.demo.networks import demo_unet
+    from ldmground.demo.training import DemoTrainConfig
 
     cfg = DemoTrainConfig(
         out=str(tmp_path / "cpu"), n_train=6, render_size=64, vae_steps=2, vae_batch=2, steps=3, batch=2,

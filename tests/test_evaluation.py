@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from ldmground.cli import main
-from ldmground.evaluation import CentrePriorGrounder, evaluate, in_shard, make_grounder, summarize
+from ldmground.runs.evaluation import evaluate, in_shard, make_grounder, summarize
+from ldmground.runs.grounders import CentrePriorGrounder
 
 from .helpers import QUICK, write_dataset
 
@@ -145,10 +146,11 @@ def test_every_model_knows_its_preset(tmp_path, capsys):
     """The demo model grounds with its own preset when none is given; a preset whose layers
     its UNet lacks fails before any compute, naming the layer count and the default."""
 
-    from ldmground import ground, load_image, load_pipeline
     from ldmground.config import get_preset
     from ldmground.errors import LdmGroundError
-    from ldmground.models import default_preset_of
+    from ldmground.method.grounding import ground
+    from ldmground.method.heatmap import load_image
+    from ldmground.models.folder import default_preset_of, load_pipeline
 
     assert default_preset_of("demo") == "demo" and default_preset_of("tiny") == "paper"
     assert default_preset_of("random:demo") == "demo"

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ldmground.grounding import attention_cache, ground, pool_maps
+from ldmground.method.grounding import attention_cache, ground, pool_maps
 
 from .helpers import QUICK
 

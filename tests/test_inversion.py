@@ -2,8 +2,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from ldmground.inversion import ddim_invert, inversion_timesteps, make_scheduler
-from ldmground.models import PAPER_SCHEDULER
+from ldmground.method.inversion import ddim_invert, inversion_timesteps, make_scheduler
+from ldmground.models.tiny import PAPER_SCHEDULER
 
 
 def analytic_model(x0_true: torch.Tensor, scheduler: DDIMScheduler):

@@ -85,8 +85,8 @@ def test_pointing_game():
 
 
 def test_oracle_at_a_layer_resolution_keeps_the_box_mass_and_blurs_its_edges():
-    from ldmground.baselines import oracle_at, oracle_boxes
-    from ldmground.heatmap import Geometry
+    from ldmground.method.heatmap import Geometry
+    from ldmground.runs.baselines import oracle_at, oracle_boxes
 
     geo = Geometry(128, 128, 64)  # boxes in 128-px original pixels, model frame 64 px
     boxes = [(20.0, 36.0, 40.0, 24.0)]  # x 10-30, y 18-30 in the model frame

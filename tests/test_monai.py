@@ -22,9 +22,11 @@ import torch
 pytest.importorskip("generative", reason="needs PyPI monai-generative 0.2.3 (and monai)")
 pytest.importorskip("monai")
 
-from ldmground.attention import cross_attention_layers  # noqa: E402
 from ldmground.config import PRESETS  # noqa: E402
-from ldmground.convert_monai import (  # noqa: E402
+from ldmground.errors import LdmGroundError  # noqa: E402
+from ldmground.method.attention import cross_attention_layers  # noqa: E402
+from ldmground.models.folder import MONAI_ARCHITECTURE, PIPELINE_FILE, apply_architecture, load_pipeline  # noqa: E402
+from ldmground.models.monai.bundle import (  # noqa: E402
     AUTOENCODER_FILE,
     CONFIG_FILE,
     GENERATIVE,
@@ -32,22 +34,14 @@ from ldmground.convert_monai import (  # noqa: E402
     MONAI_CORE,
     SAMPLER_FILE,
     UNET_FILE,
-    _monai_unet_key,
-    _unet_key,
     bundle_network_configs,
-    convert_monai,
     import_generative,
     monai_bundle_networks,
     write_fake_bundle,
 )
-from ldmground.errors import LdmGroundError  # noqa: E402
-from ldmground.models import (  # noqa: E402
-    MONAI_ARCHITECTURE,
-    PAPER_SCHEDULER,
-    PIPELINE_FILE,
-    apply_architecture,
-    load_pipeline,
-)
+from ldmground.models.monai.convert import convert_monai  # noqa: E402
+from ldmground.models.monai.unet import _monai_unet_key, _unet_key  # noqa: E402
+from ldmground.models.tiny import PAPER_SCHEDULER  # noqa: E402
 
 TOL = 1e-4
 
@@ -149,7 +143,7 @@ def test_load_pipeline_applies_monai_architecture(small):
     acts = [type(pipe.vae.encoder.conv_act).__name__, type(pipe.vae.decoder.conv_act).__name__]
     assert acts == ["Identity", "Identity"], (
         f"VAE output activations are {acts}: load_pipeline must call "
-        "ldmground.models.apply_architecture(vae, ldmground.json contents)"
+        "ldmground.models.folder.apply_architecture(vae, ldmground.json contents)"
     )
     assert pipe.image_size == 512 and pipe.scaling_factor == 0.3
 
@@ -176,7 +170,7 @@ def test_small_with_tiny_text_encoder_recorded(tmp_path, small):
 
 def test_text_encoder_dim_mismatch_refused(tmp_path, monkeypatch):
     """A 32-d text encoder cannot drive a 1024-d UNet (checked on a fake 1024-d small UNet)."""
-    import ldmground.convert_monai as cm
+    import ldmground.models.monai.bundle as cm
 
     monkeypatch.setitem(cm.SMALL_UNET, "cross_attention_dim", 48)
     bundle = write_fake_bundle(tmp_path / "b", "small", seed=3)

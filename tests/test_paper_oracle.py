@@ -18,11 +18,13 @@ import torch
 from PIL import Image
 from skimage.filters import threshold_multiotsu
 
-from ldmground import ground, load_image, load_pipeline
 from ldmground.config import get_preset
-from ldmground.convert_monai import BUNDLE_AUTOENCODER, BUNDLE_UNET, convert_monai, import_generative
-from ldmground.heatmap import postprocess
+from ldmground.method.grounding import ground
+from ldmground.method.heatmap import load_image, postprocess
 from ldmground.metrics import auc_roc, cnr, miou
+from ldmground.models.folder import load_pipeline
+from ldmground.models.monai.bundle import BUNDLE_AUTOENCODER, BUNDLE_UNET, import_generative
+from ldmground.models.monai.convert import convert_monai
 
 from . import paper_oracle as oracle
 

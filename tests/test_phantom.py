@@ -1,4 +1,4 @@
-"""Tests of the phantom chest X-ray generator (ldmground.phantom). Fast: < 30 s."""
+"""Tests of the phantom chest X-ray generator (ldmground.datasets.phantom). Fast: < 30 s."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-phantom = pytest.importorskip("ldmground.phantom")
+phantom = pytest.importorskip("ldmground.datasets.phantom")
 try:
     phantom.ct_data_dir()
 except FileNotFoundError:  # pragma: no cover

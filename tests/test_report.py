@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ldmground.reference import PAPER_TABLE, REFERENCE_SOURCES
-from ldmground.report import comparison_table, summary_with_ci
+from ldmground.studies.reference import PAPER_TABLE, REFERENCE_SOURCES
+from ldmground.studies.report import comparison_table, summary_with_ci
 
 
 def _results(seed: int = 0) -> pd.DataFrame:

@@ -21,7 +21,8 @@ import ldmground
 from ldmground.cli import _config, build_parser, main
 from ldmground.datasets.mscxr import MSCXR_COLUMNS, load_mscxr
 from ldmground.errors import LdmGroundError
-from ldmground.evaluation import CentrePriorGrounder, evaluate, in_shard, make_grounder, parse_shard
+from ldmground.runs.evaluation import evaluate, in_shard, make_grounder, parse_shard
+from ldmground.runs.grounders import CentrePriorGrounder
 
 from .helpers import QUICK, blob_image, write_dataset
 
@@ -566,7 +567,7 @@ def test_cli_wrong_model_folder_exits_2_before_compute(four, tmp_path, capsys):
 
 
 def test_run_json_records_version_config_and_weight_hashes(four, tmp_path, capsys):
-    from ldmground.models import load_pipeline, save_pipeline
+    from ldmground.models.folder import load_pipeline, save_pipeline
 
     csv, _ = four
     model = save_pipeline(load_pipeline("tiny"), tmp_path / "model")

@@ -3,8 +3,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from ldmground.errors import LdmGroundError
-from ldmground.models import _minilm_dir, clip_tokenizer
-from ldmground.tokens import select_tokens
+from ldmground.method.tokens import select_tokens
+from ldmground.models.text import _minilm_dir, clip_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_long_phrase_truncated_with_warning(clip):
 
 def test_class_span_is_the_authors_rule(clip):
     """First to last matching position, the last one left out (the authors' slice)."""
-    from ldmground.tokens import class_span
+    from ldmground.method.tokens import class_span
 
     # <s> small right ple ural ef fusion </s>: matches at 3..6 -> span 3, 4, 5 (not 6)
     assert class_span(clip, "Small right pleural effusion", "Pleural Effusion") == (3, 4, 5)
@@ -87,7 +87,7 @@ def test_class_span_is_the_authors_rule(clip):
 
 
 def test_ground_class_span_without_the_class_name_gives_no_map(tiny_pipe, xray):
-    from ldmground import ground
+    from ldmground.method.grounding import ground
 
     from .helpers import QUICK
 

@@ -7,7 +7,7 @@ rows of that pair, in CSV order. The guarantees are those of :func:`.mscxr.load_
 
 * exact duplicate rows are dropped and counted;
 * boxes wholly outside the model's centre crop are dropped and counted
-  (:meth:`ldmground.heatmap.Geometry.box_to_model`); a sample left with no box is skipped;
+  (:meth:`ldmground.method.heatmap.Geometry.box_to_model`); a sample left with no box is skipped;
 * a malformed row (an empty or non-numeric coordinate, ``x_max <= x_min``, ``w <= 0``, an
   empty class) or a missing image does not stop the others: its sample keeps its boxes and
   carries a ``problem`` naming the CSV file, its line and the column, and evaluation stores

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import LdmGroundError
-from ..heatmap import Geometry
+from ..geometry import Geometry
 
 log = logging.getLogger(__name__)
 

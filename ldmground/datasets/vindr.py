@@ -30,7 +30,7 @@ they truncate each to an integer, a sub-pixel shift); every class is kept unless
 ``classes`` selects (``classes="authors"``: their 8 findings with ``ILD`` / ``Infiltration``
 as ``Pneumonia``; their extra filter, an ``ILD`` / ``Infiltration`` box only on images whose
 ``image_labels_test.csv`` row has one of the 8 findings, is not applied); the DICOM is read
-directly (:func:`ldmground.heatmap.load_image`: rescale, VOI LUT / window, MONOCHROME1
+directly (:func:`ldmground.method.heatmap.load_image`: rescale, VOI LUT / window, MONOCHROME1
 inversion, min-max), where their JPEG conversion is not published.
 """
 
@@ -94,7 +94,7 @@ def load_vindr(
         crop_size: model input S; boxes wholly outside the centre crop are dropped and
             samples left with no box are skipped. None keeps every box.
         check_files: stop with one error if images are missing; with False (what
-            :func:`ldmground.evaluation.evaluate` uses) a missing image is the sample's
+            :func:`ldmground.runs.evaluation.evaluate` uses) a missing image is the sample's
             ``problem`` instead.
         sample_ids: keep only these samples (``<image_id>-<8 hex of sha1(phrase)>``).
         classes: keep only these classes (a collection, or a comma-separated string); a

@@ -1,14 +1,14 @@
 """An ipywidgets explorer: one sample, one phrase, every knob of the aggregation live.
 
 The attention of all layers at every step is recorded once per (image, phrase) with
-:func:`ldmground.grounding.attention_cache` and kept; moving a slider only re-aggregates
-(:func:`ldmground.analysis.heatmap_from_cache`) and re-scores, well under a second for a
+:func:`ldmground.method.grounding.attention_cache` and kept; moving a slider only re-aggregates
+(:func:`ldmground.studies.cache.heatmap_from_cache`) and re-scores, well under a second for a
 64-px model. Usable headless: set ``ex.widgets[name].value`` and read ``ex.last_heatmap``,
 ``ex.last_metrics``; ``ex.unet_runs`` counts the inversions made so far.
 
 Example (in a notebook)::
 
-    from ldmground.explorer import Explorer
+    from ldmground.studies.explorer import Explorer
     ex = Explorer(pipe, samples, "data/phantom", "demo")
     ex   # displays the controls, the overlay and the metrics
 """
@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from .analysis import CachedSample, as_config, class_token_indices, full_window, heatmap_from_cache
-from .config import GroundingConfig
-from .datasets.mscxr import Sample
-from .heatmap import load_image
-from .metrics import all_metrics
+from ..config import GroundingConfig
+from ..datasets.mscxr import Sample
+from ..method.heatmap import load_image
+from ..metrics import all_metrics
+from .cache import CachedSample, as_config, class_token_indices, full_window, heatmap_from_cache
 from .overlay import overlay
 
 SHOWN_METRICS = ["cnr", "miou", "auc_roc", "pointing"]
@@ -37,7 +37,7 @@ class Explorer:
     """Interactive grounding of one sample at a time.
 
     Args:
-        pipe: a :class:`~ldmground.models.GroundingPipeline`.
+        pipe: a :class:`~ldmground.models.pipeline.GroundingPipeline`.
         samples: the pairs to choose from (boxes give the metrics).
         images: the folder the samples' ``path`` is relative to.
         config: the starting settings; its ``num_inference_steps`` fixes the step grid
@@ -79,7 +79,7 @@ class Explorer:
         self.last_metrics: dict[str, float] = {}
         self.last_seconds = 0.0
 
-        from .attention import cross_attention_layers
+        from ..method.attention import cross_attention_layers
 
         n_layers = len(cross_attention_layers(pipe.unet))
         n = self.config.num_inference_steps
@@ -154,7 +154,7 @@ class Explorer:
 
     def cached(self, sample: Sample, phrase: str) -> CachedSample:
         """The attention of (sample's image, phrase) at every layer and step; inverts once."""
-        from .grounding import attention_cache
+        from ..method.grounding import attention_cache
 
         cfg = full_window(self.config)
         key = (sample.path, phrase)

@@ -2,7 +2,7 @@
 
 :class:`Grounder` is the interface batch evaluation calls; :class:`DiffusionGrounder` is the
 method, :class:`CentrePriorGrounder` the centre-prior baseline (the BioViL baselines live in
-:mod:`ldmground.biovil`). :func:`ldmground.evaluation.make_grounder` builds one from a spec.
+:mod:`ldmground.models.biovil`). :func:`ldmground.runs.evaluation.make_grounder` builds one from a spec.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import GroundingConfig
+from ..errors import LdmGroundError
+from ..method.heatmap import preprocess
 from .baselines import centre_prior
-from .config import GroundingConfig
-from .errors import LdmGroundError
-from .heatmap import preprocess
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Grounder:
     @functools.cached_property
     def weights_sha256(self) -> dict[str, str]:
         """``folder/file`` -> SHA-256 of every weights file (read once per grounder)."""
-        from .models import sha256_file
+        from ..models.folder import sha256_file
 
         return {f"{Path(p).parent.name}/{Path(p).name}": sha256_file(p) for p in self.weight_files}
 
@@ -79,7 +79,7 @@ class DiffusionGrounder(Grounder):
     """The method: DDIM inversion + cross-attention of a :class:`GroundingPipeline`."""
 
     def __init__(self, pipe, config: GroundingConfig):
-        from .grounding import resolve_config
+        from ..method.grounding import resolve_config
 
         self.pipe, self.config = pipe, resolve_config(config, pipe)  # layers checked before any compute
         self.spec, self.image_size = pipe.spec, pipe.image_size
@@ -87,14 +87,14 @@ class DiffusionGrounder(Grounder):
         self.weight_files = pipe.weight_files
 
     def check_phrase(self, phrase: str) -> list[str]:
-        from .tokens import select_tokens
+        from ..method.tokens import select_tokens
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return list(select_tokens(self.pipe.tokenizer, phrase, None, self.pipe.max_length).warnings)
 
     def __call__(self, image, phrases, words):
-        from .grounding import ground
+        from ..method.grounding import ground
 
         # No "ignore" filter here: _ground_image records the warnings (e.g. "smaller than
         # the model input") and keeps the notes; truncation comes back in r.warnings.

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .heatmap import Geometry
+from ..method.heatmap import Geometry
 
 
 def centre_prior(geometry: Geometry, sigma_fraction: float = 0.25) -> np.ndarray:
@@ -27,7 +27,7 @@ def centre_prior(geometry: Geometry, sigma_fraction: float = 0.25) -> np.ndarray
 
 def oracle_boxes(geometry: Geometry, boxes: Sequence[Sequence[float]]) -> np.ndarray:
     """An upper reference: 1 inside the true boxes (model frame), 0 elsewhere."""
-    from .metrics import union_mask
+    from ..metrics import union_mask
 
     return union_mask((geometry.size, geometry.size), geometry.boxes_to_model(boxes)).astype(np.float32)
 
@@ -42,7 +42,7 @@ def oracle_at(geometry: Geometry, boxes: Sequence[Sequence[float]], side: int) -
     import torch
     import torch.nn.functional as F
 
-    from .attention import upsample_map
+    from ..method.attention import upsample_map
 
     exact = torch.from_numpy(oracle_boxes(geometry, boxes))
     cells = F.adaptive_avg_pool2d(exact[None, None], side)[0, 0]

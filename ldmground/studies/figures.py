@@ -1,8 +1,8 @@
 """The project's figures as functions: each takes tables or arrays and returns a Figure.
 
-Inputs are the files the notebooks write (sweep tables of :mod:`ldmground.analysis`,
-``summary.csv`` of :func:`ldmground.evaluation.evaluate`, the examples of
-:func:`ldmground.analysis.save_examples`), so every figure can be redrawn without a model.
+Inputs are the files the notebooks write (sweep tables of :mod:`ldmground.studies`,
+``summary.csv`` of :func:`ldmground.runs.evaluation.evaluate`, the examples of
+:func:`ldmground.studies.panels.save_examples`), so every figure can be redrawn without a model.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .analysis import summarize_sweep
 from .overlay import overlay
+from .sweeps import summarize_sweep
 
 LABELS = {
     "cnr": "CNR (abs)",
@@ -93,8 +93,8 @@ def category_bars(
     """Per-category bars with 95 % bootstrap intervals, one bar per model.
 
     Args:
-        cis: model name -> :func:`ldmground.report.summary_with_ci` table.
-        reference: ``ldmground.reference.PAPER_TABLE``: ``reference_method``'s published
+        cis: model name -> :func:`ldmground.studies.report.summary_with_ci` table.
+        reference: ``ldmground.studies.reference.PAPER_TABLE``: ``reference_method``'s published
             signed CNR and mIoU drawn as black ticks on those panels, labelled with the source.
     """
     import matplotlib.pyplot as plt
@@ -143,7 +143,7 @@ def ablation_curve(
     """Mean +- standard error over samples of each metric against ``x`` (one panel per metric).
 
     Args:
-        df: a sweep table of :mod:`ldmground.analysis` (one row per sample and variant).
+        df: a sweep table of :mod:`ldmground.studies` (one row per sample and variant).
         x: the swept column; ``hue``: an optional second column drawn as separate lines.
         highlight: values of ``x`` to shade (e.g. the config's timestep window or layers).
         categorical: treat ``x`` as labels (default: when it is not numeric).
@@ -321,7 +321,7 @@ EVALUATION_DIR = "04_mscxr_evaluation"
 
 def evaluation_figures(eval_dir: str | Path) -> dict[str, Any]:
     """04: per-category bars of every evaluated model and the qualitative grid."""
-    from .analysis import load_examples
+    from .panels import load_examples
     from .reference import PAPER_TABLE
 
     eval_dir = Path(eval_dir)
@@ -340,7 +340,7 @@ def evaluation_figures(eval_dir: str | Path) -> dict[str, Any]:
 
 def from_results(results_dir: str | Path) -> dict[str, Any]:
     """Every figure whose results file exists under ``results_dir``: name -> Figure."""
-    from .analysis import load_panels
+    from .panels import load_panels
 
     root = Path(results_dir)
     figs: dict[str, Any] = {}

@@ -31,14 +31,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import __version__
-from .config import GroundingConfig
-from .datasets.loader import detect_format, load_dataset
-from .datasets.mscxr import Sample
-from .errors import LdmGroundError
-from .grounders import CentrePriorGrounder, DiffusionGrounder, Grounder, Heatmaps  # noqa: F401 (re-exported)
-from .heatmap import load_image
-from .metrics import all_metrics
+from .._version import __version__
+from ..config import GroundingConfig
+from ..datasets.loader import detect_format, load_dataset
+from ..datasets.mscxr import Sample
+from ..errors import LdmGroundError
+from ..method.heatmap import load_image
+from ..metrics import all_metrics
+from .grounders import CentrePriorGrounder, DiffusionGrounder, Grounder
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +64,15 @@ COLUMNS = [
 
 def make_grounder(spec: str, config: GroundingConfig, device: str | None = None) -> Grounder:
     """``centre-prior``, ``biovil`` / ``biovil-t`` (also ``biovil[-t]:<folder>`` or ``:random``:
-    the BioViL baselines, :mod:`ldmground.biovil`), or any spec
-    :func:`ldmground.models.load_pipeline` knows."""
+    the BioViL baselines, :mod:`ldmground.models.biovil`), or any spec
+    :func:`ldmground.models.folder.load_pipeline` knows."""
     if spec == "centre-prior":
         return CentrePriorGrounder()
     from .biovil import grounder_from_spec, parse_biovil_spec
 
     if parse_biovil_spec(spec) is not None:
         return grounder_from_spec(spec, device)
-    from .models import load_pipeline
+    from ..models.folder import load_pipeline
 
     return DiffusionGrounder(load_pipeline(spec, device=device), config)
 

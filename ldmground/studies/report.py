@@ -62,7 +62,7 @@ def summary_with_ci(
     """Mean and bootstrap interval of each metric per category and for the macro mean.
 
     Args:
-        results: ``results.csv`` of :func:`ldmground.evaluation.evaluate` (failed rows and
+        results: ``results.csv`` of :func:`ldmground.runs.evaluation.evaluate` (failed rows and
             NaN values of a metric are left out of that metric).
     Returns:
         Long table: ``category`` (the categories, then ``macro``), ``metric``, ``n``,

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..config import GroundingConfig, get_preset
+from ..errors import LdmGroundError
+from ..models.pipeline import GroundingPipeline
 from .attention import AttentionRecorder, PhraseRow
-from .config import GroundingConfig, get_preset
-from .errors import LdmGroundError
 from .heatmap import Geometry, postprocess, preprocess
 from .inversion import ddim_invert, make_scheduler
-from .models import GroundingPipeline
 from .tokens import TokenSelection, class_span, select_tokens
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -203,8 +203,8 @@ def ground(
     """Heatmaps of ``phrases`` on ``image``; the image is inverted once for all phrases.
 
     Args:
-        pipe: a :class:`~ldmground.models.GroundingPipeline`.
-        image: (H, W) float in [0, 1] (see :func:`ldmground.heatmap.load_image`).
+        pipe: a :class:`~ldmground.models.pipeline.GroundingPipeline`.
+        image: (H, W) float in [0, 1] (see :func:`ldmground.method.heatmap.load_image`).
         phrases: one phrase or a list of phrases about this image.
         config: a :class:`GroundingConfig` or a preset name (default: the model's own,
             ``pipe.default_preset``: ``"demo"`` for the demo model, ``"paper"`` for the

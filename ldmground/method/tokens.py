@@ -11,7 +11,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
-from .errors import LdmGroundError
+from ..errors import LdmGroundError
 
 _WORD = re.compile(r"[\w]+(?:[-'][\w]+)*", re.UNICODE)
 
