@@ -16,6 +16,7 @@ import numpy as np
 from ..config import GroundingConfig, get_preset
 from ..datasets.loader import load_dataset
 from ..datasets.mscxr import Sample
+from ..errors import LdmGroundError
 from ..method.heatmap import load_image, postprocess
 from ..metrics import all_metrics
 
@@ -90,12 +91,25 @@ def load_samples(
     crop_size: int = 512,
     format: str | None = None,
     template: str | None = None,
+    split: str | None = None,
 ) -> list[Sample]:
     """Samples of a box data set (MS-CXR, VinDr-CXR or ChestX-ray8, detected from the CSV's
     columns unless ``format`` is given; :func:`ldmground.datasets.loader.load_dataset`),
-    ``n`` of them spread over the categories (all if None). Malformed rows are left out."""
+    ``n`` of them spread over the categories (all if None). Malformed rows are left out.
+
+    ``split``: keep only the rows whose ``split`` column has this value (None: all rows); a
+    data set without that column or without any row of that split is an error naming it.
+    """
     samples, _ = load_dataset(dataset, images, format, template, crop_size=crop_size, check_files=False)
     samples = [s for s in samples if not s.problem]
+    if split is not None:
+        found = sorted({s.split for s in samples})
+        samples = [s for s in samples if s.split == split]
+        if not samples:
+            raise LdmGroundError(
+                f"{dataset}: no sample of split {split!r} (its 'split' column has {found or 'no values'}); "
+                "pass split=None to use every row"
+            )
     return samples if n is None else pick_samples(samples, n)
 
 
@@ -230,3 +244,57 @@ def heatmap_from_cache(
 def score(cs: CachedSample, heatmap: np.ndarray) -> dict[str, float]:
     """All metrics of an original-frame heatmap against the sample's boxes."""
     return all_metrics(heatmap, cs.sample.boxes)
+
+
+# Settings that only change how cached maps are read, not the cache itself.
+_READ_OUT_FIELDS = {
+    "window", "layers", "tokens", "normalize_maps", "pooling", "sigma", "blur_mode", "otsu", "contrast", "threads",
+}  # fmt: skip
+
+
+def shared_cache(
+    pipe,
+    samples: Sequence[Sample],
+    images: str | Path,
+    config: GroundingConfig | str,
+    folder: str | Path,
+    progress: bool = True,
+) -> list[CachedSample]:
+    """The one attention cache that notebooks 01-03 share.
+
+    Every layer at every one of the config's N steps, one map per token, and the config's
+    reference phrases (for the contrast sweep), for ``samples``. Written to ``folder`` under
+    a key of the model (its spec and the SHA-256 of its weights files), N, the timestep
+    spacing, the references and the sample ids; a later call with the same key reads it
+    back instead of inverting again. The file is a pickle this function wrote: read only
+    caches you made.
+    """
+    import hashlib
+    import json
+    import pickle
+
+    from ..models.folder import sha256_file
+
+    cfg = full_window(config)
+    key = {
+        "model": pipe.spec,
+        "weights": [sha256_file(f) for f in pipe.weight_files],
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in _READ_OUT_FIELDS},
+        "references": list(cfg.reference_phrases),
+        "samples": [s.sample_id for s in samples],
+        "images": str(Path(images).resolve()),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = Path(folder) / f"attention-{digest}.pkl"
+    if path.is_file():
+        with path.open("rb") as f:
+            return pickle.load(f)
+    cached = cache_samples(
+        pipe, samples, images, cfg.replace(layers=None), progress=progress, references=cfg.reference_phrases
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("wb") as f:
+        pickle.dump(cached, f, protocol=pickle.HIGHEST_PROTOCOL)
+    tmp.replace(path)
+    return cached

@@ -17,7 +17,14 @@ from scipy.stats import bootstrap
 
 from .reference import PAPER_TABLE, REFERENCE_SOURCES
 
-__all__ = ["METRIC_LABELS", "REFERENCE_SOURCES", "comparison_table", "summary_with_ci"]
+__all__ = [
+    "METRIC_LABELS",
+    "REFERENCE_SOURCES",
+    "comparison_table",
+    "paired_difference",
+    "summary_with_ci",
+    "sweep_with_ci",
+]
 
 METRIC_LABELS = {
     "cnr": "CNR (abs)",
@@ -141,3 +148,71 @@ def comparison_table(
     table = table.loc[order]
     table.index.name = "category"
     return table
+
+
+def sweep_with_ci(
+    table: pd.DataFrame,
+    by: str | Sequence[str],
+    metrics: Sequence[str] = ("cnr", "pointing", "miou"),
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> pd.DataFrame:
+    """A sweep's settings with ``n`` and ``mean [low, high]`` of each metric over its samples.
+
+    Args:
+        table: a sweep table of :mod:`ldmground.studies.sweeps` (one row per sample and setting).
+        by: the column(s) naming a setting.
+    Returns one row per setting, in the sweep's order; the interval is the percentile bootstrap
+    of the mean over samples (NaN values of a metric left out).
+    """
+    by = [by] if isinstance(by, str) else list(by)
+    rows = []
+    for k, (key, g) in enumerate(table.groupby(by, sort=False)):
+        row = dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True))
+        row["n"] = len(g)
+        for metric in metrics:
+            v = g[metric].astype(float).dropna().to_numpy()
+            low, high = _interval([v], n_resamples, seed + k, level)
+            row[metric] = _fmt(v.mean() if len(v) else float("nan"), low, high, metric)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def paired_difference(
+    table: pd.DataFrame,
+    column: str,
+    a,
+    b,
+    metric: str,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict:
+    """Mean of ``metric`` under setting ``a`` minus setting ``b`` on the same samples, with a
+    paired bootstrap interval (the per-sample differences are resampled).
+
+    Args:
+        table: one row per sample and setting, with ``sample_id``; ``column`` names the setting.
+    Returns ``{"n", "a", "b", "difference", "ci_low", "ci_high"}``: n samples that have both.
+    """
+    pivot = table[table[column].isin([a, b])].pivot_table(index="sample_id", columns=column, values=metric)
+    both = pivot.dropna()
+    if a not in both or b not in both:
+        raise ValueError(f"no sample has both {column}={a!r} and {column}={b!r}")
+    diff = (both[a] - both[b]).to_numpy(float)
+    low, high = _interval([diff], n_resamples, seed, level)
+    return {
+        "n": len(diff),
+        "a": float(both[a].mean()),
+        "b": float(both[b].mean()),
+        "difference": float(diff.mean()),
+        "ci_low": low,
+        "ci_high": high,
+    }
+
+
+def _fmt(mean: float, low: float, high: float, metric: str) -> str:
+    digits = 1 if metric in PERCENT else (2 if metric.startswith("cnr") else 3)
+    scale = 100 if metric in PERCENT else 1
+    return f"{mean * scale:.{digits}f} [{low * scale:.{digits}f}, {high * scale:.{digits}f}]"
