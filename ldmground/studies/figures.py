@@ -38,20 +38,31 @@ def save(fig, figures_dir: str | Path, name: str, dpi: int = 120) -> Path:
     return out
 
 
-def qualitative_grid(items: Sequence[Mapping[str, Any]], ncols: int = 4, metric: str = "cnr"):
-    """X-ray with boxes (green) and the heatmap overlaid, titled with category and phrase.
+def _colour_bar(fig, axes, label: str = "heatmap (0 to 1)"):
+    """One colour bar for every panel: the overlay's colour map on [0, 1]."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    mappable = ScalarMappable(Normalize(0, 1), colormaps["inferno"])
+    fig.colorbar(mappable, ax=list(np.ravel(axes)), shrink=0.6, pad=0.02, label=label)
+
+
+def qualitative_grid(items: Sequence[Mapping[str, Any]], ncols: int = 4, metric: str = "cnr", title: str | None = None):
+    """X-ray with boxes (cyan) and the heatmap overlaid, titled with category and phrase.
 
     Args:
         items: dicts with ``image`` ((H, W) in [0, 1]), ``heatmap`` ((H, W), NaN allowed),
             ``boxes`` ((x, y, w, h) in pixels), ``category``, ``phrase`` and optionally the
             ``metric`` value (shown in the title).
+        title: what the figure shows (e.g. "phantom X-rays, demo model").
     """
     import matplotlib.pyplot as plt
 
     n = max(1, len(items))
     ncols = min(ncols, n)
     nrows = int(np.ceil(n / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.7 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols + 1, 3.7 * nrows), squeeze=False, layout="constrained")
     for ax in axes.ravel():
         ax.axis("off")
     for ax, it in zip(axes.ravel(), items, strict=False):
@@ -60,27 +71,39 @@ def qualitative_grid(items: Sequence[Mapping[str, Any]], ncols: int = 4, metric:
         if metric in it and it[metric] is not None and np.isfinite(float(it[metric])):
             title += f"\n{LABELS.get(metric, metric)} {float(it[metric]):.2f}"
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+    if title:
+        fig.suptitle(title + "; true boxes in cyan", fontsize=11)
+    _colour_bar(fig, axes)
     return fig
 
 
-def map_grid(panels: Sequence[tuple[str, np.ndarray]], image: np.ndarray | None = None, boxes=(), ncols: int = 6):
-    """Small multiples of heatmaps (e.g. one per layer or per step), optionally over the X-ray."""
+def map_grid(
+    panels: Sequence[tuple[str, np.ndarray]],
+    image: np.ndarray | None = None,
+    boxes=(),
+    ncols: int = 6,
+    title: str | None = None,
+):
+    """Small multiples of heatmaps (e.g. one per layer or per step), optionally over the X-ray,
+    with one colour bar."""
     import matplotlib.pyplot as plt
 
     n = max(1, len(panels))
     ncols = min(ncols, n)
     nrows = int(np.ceil(n / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.2 * ncols, 2.4 * nrows), squeeze=False)
+    size = (2.2 * ncols + 1, 2.4 * nrows + 0.4)
+    fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False, layout="constrained")
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, (title, hm) in zip(axes.ravel(), panels, strict=False):
+    for ax, (label, hm) in zip(axes.ravel(), panels, strict=False):
         if image is not None:
             ax.imshow(np.asarray(overlay(image, hm, boxes)))
         else:
-            ax.imshow(np.nan_to_num(hm, nan=0.0), cmap="jet", vmin=0, vmax=1)
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+            ax.imshow(np.nan_to_num(hm, nan=0.0), cmap="inferno", vmin=0, vmax=1)
+        ax.set_title(label, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    _colour_bar(fig, axes)
     return fig
 
 
@@ -125,7 +148,12 @@ def category_bars(
         ax.set_ylabel(LABELS.get(m, m))
         ax.set_xticks(x, cats, rotation=20, ha="right", fontsize=8)
     axes[0, 0].legend(fontsize=8, ncols=min(4, len(names) + 1))
-    axes[0, 0].set_title("mean per category and macro mean; error bars: 95 % bootstrap intervals", fontsize=9)
+    n_pairs = ", ".join(
+        f"{name}: n = {int(cis[name].loc[cis[name]['category'] == 'macro', 'n'].max())}" for name in names
+    )
+    axes[0, 0].set_title(
+        f"mean per category and macro mean; error bars: 95 % bootstrap intervals ({n_pairs} pairs)", fontsize=9
+    )
     fig.tight_layout()
     return fig
 
@@ -139,6 +167,7 @@ def ablation_curve(
     categorical: bool | None = None,
     title: str | None = None,
     xlabel: str | None = None,
+    marks: Mapping[str, Any] | None = None,
 ):
     """Mean +- standard error over samples of each metric against ``x`` (one panel per metric).
 
@@ -147,6 +176,8 @@ def ablation_curve(
         x: the swept column; ``hue``: an optional second column drawn as separate lines.
         highlight: values of ``x`` to shade (e.g. the config's timestep window or layers).
         categorical: treat ``x`` as labels (default: when it is not numeric).
+        marks: label -> value of ``x`` drawn as a dashed vertical line (e.g. the preset's and
+            the paper's value).
     """
     import matplotlib.pyplot as plt
 
@@ -174,16 +205,40 @@ def ablation_curve(
             pos = [labels.index(v) for v in highlight if v in labels] if categorical else list(highlight)
             for p in pos:
                 ax.axvspan(float(p) - 0.5, float(p) + 0.5, color="orange", alpha=0.15, lw=0)
+        _marks(ax, marks, labels if categorical else None)
         if categorical:
             ax.set_xticks(range(len(labels)), [str(v) for v in labels], rotation=30, ha="right", fontsize=8)
         ax.set_xlabel(xlabel or x)
         ax.set_ylabel(LABELS.get(m, m))
-        if hue is not None:
+        if hue is not None or marks:
             ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=11)
+    fig.suptitle(_title(title, df, x), fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def _n_samples(df: pd.DataFrame) -> int:
+    return int(df["sample_id"].nunique()) if "sample_id" in df else len(df)
+
+
+def _title(title: str | None, df: pd.DataFrame, x: str | None = None) -> str:
+    return f"{title or ''}\nmean ± standard error over n = {_n_samples(df)} samples".strip()
+
+
+MARK_STYLES = {"paper": ("k", "--"), "preset": ("C3", ":")}
+
+
+def _marks(ax, marks: Mapping[str, Any] | None, labels: list | None = None) -> None:
+    """Dashed vertical lines at the marked values, labelled for the legend."""
+    for k, (name, value) in enumerate((marks or {}).items()):
+        if value is None:
+            continue
+        if labels is not None:
+            if value not in labels:
+                continue
+            value = labels.index(value)
+        colour, style = MARK_STYLES.get(name.split()[0], (f"C{k + 4}", "-."))
+        ax.axvline(float(value), color=colour, ls=style, lw=1.2, label=name)
 
 
 def variant_bars(
@@ -205,8 +260,7 @@ def variant_bars(
         ax.axvline(0, color="0.6", lw=0.8)
     axes[0, 0].set_yticks(y, names, fontsize=8)
     axes[0, 0].invert_yaxis()
-    if title:
-        fig.suptitle(title, fontsize=11)
+    fig.suptitle(_title(title, df), fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -214,9 +268,15 @@ def variant_bars(
 # --- the project's figures, by name, from the notebooks' results files ---------------------------
 
 
-def layers_figure(table: pd.DataFrame, metrics: Sequence[str] = ("cnr", "pointing", "miou"), shade: str = "paper"):
-    """01: each layer alone (line, mean +- standard error); the named layer sets (``paper``,
-    ``config``, ``all``) as horizontal lines; the layers of the set ``shade`` shaded."""
+def layers_figure(
+    table: pd.DataFrame,
+    metrics: Sequence[str] = ("cnr", "pointing", "miou"),
+    shade: str = "paper",
+    layer_labels: Mapping[int, str] | None = None,
+):
+    """01: each layer alone (line, mean +- standard error); the named layer sets (e.g. the
+    paper's equivalent, the preset's, ``all``) as horizontal lines; the layers of the set
+    ``shade`` shaded. ``layer_labels``: index -> "block, resolution" for the x axis."""
     import matplotlib.pyplot as plt
 
     single = table[table["layer"].astype(str).str.isdigit()].assign(layer=lambda d: d["layer"].astype(int))
@@ -224,10 +284,10 @@ def layers_figure(table: pd.DataFrame, metrics: Sequence[str] = ("cnr", "pointin
     metrics = [m for m in metrics if m in table.columns]
     per_layer = summarize_sweep(single, "layer", metrics)
     per_set = summarize_sweep(named, ["layer", "layers"], metrics) if not named.empty else None
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.0 * len(metrics), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
     shaded = []
     if per_set is not None and shade in set(per_set["layer"]):
-        shaded = [int(v) for v in per_set.set_index("layer").loc[shade, "layers"].split(",") if v]
+        shaded = [int(v) for v in str(per_set.set_index("layer").loc[shade, "layers"]).split(",") if v]
     for ax, m in zip(axes[0], metrics, strict=True):
         ax.errorbar(
             per_layer["layer"],
@@ -237,38 +297,52 @@ def layers_figure(table: pd.DataFrame, metrics: Sequence[str] = ("cnr", "pointin
             ms=3,
             capsize=2,
             color="C0",
-            label="one layer",
+            label="one layer alone",
         )
         for i in shaded:
             ax.axvspan(i - 0.5, i + 0.5, color="orange", alpha=0.15, lw=0)
         if per_set is not None:
             for k, (_, r) in enumerate(per_set.iterrows()):
                 ax.axhline(r[f"{m}_mean"], color=f"C{k + 1}", ls="--", lw=1.2, label=f"{r['layer']} {{{r['layers']}}}")
-        ax.set_xticks(per_layer["layer"])
-        ax.set_xlabel("cross-attention layer (forward order)")
+        ticks = per_layer["layer"].tolist()
+        names = [layer_labels.get(i, str(i)) if layer_labels else str(i) for i in ticks]
+        rotation, align = (45, "right") if layer_labels else (0, "center")
+        ax.set_xticks(ticks, names, rotation=rotation, ha=align, fontsize=7)
+        ax.set_xlabel("cross-attention layer (index · block · resolution)" if layer_labels else "cross-attention layer")
         ax.set_ylabel(LABELS.get(m, m))
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle("Cross-attention layers" + (f" (shaded: {shade})" if shaded else ""), fontsize=11)
+    head = "Cross-attention layers" + (f" (shaded: the {shade} set)" if shaded else "")
+    fig.suptitle(_title(head, table), fontsize=10)
     fig.tight_layout()
     return fig
 
 
-def steps_figure(table: pd.DataFrame):
-    """01: metrics of each timestep alone; the shaded steps are the window of the sweep's config."""
+def steps_figure(table: pd.DataFrame, marks: Mapping[str, Any] | None = None):
+    """01: metrics of each timestep alone; shaded: the window of the sweep's config; ``marks``:
+    e.g. the paper window's first and last step."""
     window = sorted(table.loc[table["in_window"].astype(bool), "step"].unique()) if "in_window" in table else None
     return ablation_curve(
         table,
         "step",
         ("cnr", "pointing", "miou"),
         highlight=window,
-        title="Timesteps (shaded: the sweep's window)",
+        title="Timesteps, each alone (shaded: the preset's window)",
         xlabel="step index (inversion order: 0 = clean image)",
+        marks=marks,
     )
 
 
-def windows_figure(table: pd.DataFrame):
+def windows_figure(table: pd.DataFrame, marks: Mapping[str, Any] | None = None):
     """01: metrics of timestep windows (fractions of N)."""
-    return ablation_curve(table, "window", ("cnr", "pointing", "miou"), categorical=True, title="Timestep windows")
+    return ablation_curve(
+        table,
+        "window",
+        ("cnr", "pointing", "miou"),
+        categorical=True,
+        title="Timestep windows (fractions of N)",
+        xlabel="window",
+        marks=marks,
+    )
 
 
 def aggregation_figure(table: pd.DataFrame):
@@ -276,28 +350,49 @@ def aggregation_figure(table: pd.DataFrame):
     return variant_bars(table, ["normalize", "pooling", "tokens"], title="Aggregation")
 
 
-def inversion_steps_figure(table: pd.DataFrame):
+def inversion_steps_figure(table: pd.DataFrame, marks: Mapping[str, Any] | None = None):
     """02: metrics against the number of inversion steps N."""
-    return ablation_curve(table, "num_inference_steps", ("cnr", "miou", "auc_roc"), title="Inversion steps")
+    return ablation_curve(
+        table,
+        "num_inference_steps",
+        ("cnr", "miou", "auc_roc"),
+        title="Inversion steps",
+        xlabel="inversion steps N",
+        marks=marks,
+    )
 
 
-def sigma_figure(table: pd.DataFrame):
+def sigma_figure(table: pd.DataFrame, marks: Mapping[str, Any] | None = None):
     """03: Gaussian sigma with and without Otsu."""
     return ablation_curve(
-        table, "sigma", ("cnr", "miou", "auc_roc"), hue="otsu", title="Post-processing", xlabel="sigma (px at 512)"
+        table,
+        "sigma",
+        ("cnr", "miou", "auc_roc"),
+        hue="otsu",
+        title="Gaussian blur, with and without Otsu",
+        xlabel="sigma (px at a 512-px input)",
+        marks=marks,
     )
 
 
-def contrast_figure(table: pd.DataFrame):
+def contrast_figure(table: pd.DataFrame, marks: Mapping[str, Any] | None = None):
     """03: the weight of the subtracted reference background, with and without Otsu."""
     return ablation_curve(
-        table, "contrast", ("cnr", "miou", "auc_roc"), hue="otsu", title="Background contrast", xlabel="contrast weight"
+        table,
+        "contrast",
+        ("cnr", "miou", "auc_roc"),
+        hue="otsu",
+        title="Background contrast (this project's extension; the paper has none)",
+        xlabel="contrast weight",
+        marks=marks,
     )
 
 
-def thresholds_figure(table: pd.DataFrame):
+def thresholds_figure(table: pd.DataFrame, marks: Mapping[str, Any] | None = None):
     """03: IoU of the thresholded heatmap against the threshold, with and without Otsu."""
-    return ablation_curve(table, "threshold", ("iou",), hue="otsu", title="Thresholds")
+    return ablation_curve(
+        table, "threshold", ("iou",), hue="otsu", title="IoU of heatmap > threshold", xlabel="threshold", marks=marks
+    )
 
 
 TABLE_FIGURES = {
@@ -334,7 +429,8 @@ def evaluation_figures(eval_dir: str | Path) -> dict[str, Any]:
         with_paper = info.is_file() and bool(pd.read_json(info, typ="series").get("compare_with_paper", False))
         figs["evaluation_per_category"] = category_bars(cis, reference=PAPER_TABLE if with_paper else None)
     if (eval_dir / "examples.csv").is_file():
-        figs["qualitative"] = qualitative_grid(load_examples(eval_dir))
+        options = figure_options(eval_dir / "examples.csv", "qualitative")
+        figs["qualitative"] = qualitative_grid(load_examples(eval_dir), **options)
     return figs
 
 
@@ -346,10 +442,37 @@ def from_results(results_dir: str | Path) -> dict[str, Any]:
     figs: dict[str, Any] = {}
     for name, (rel, plot) in TABLE_FIGURES.items():
         if (root / rel).is_file():
-            figs[name] = plot(pd.read_csv(root / rel))
+            figs[name] = plot(pd.read_csv(root / rel), **figure_options(root / rel, name))
     for name, rel in PANEL_FIGURES.items():
         if (root / rel).is_file():
             p = load_panels(root / rel)
-            figs[name] = map_grid(p["panels"], p["image"], p["boxes"])
+            figs[name] = map_grid(p["panels"], p["image"], p["boxes"], **figure_options(root / rel, name))
     figs.update(evaluation_figures(root / EVALUATION_DIR))
     return figs
+
+
+FIGURE_OPTIONS = "figure_options.json"
+"""Per results folder: figure name -> keyword arguments of its plot function (marks, labels,
+titles), written by the notebook that made the table so that 05 redraws the same figure."""
+
+
+def save_figure_options(out_dir: str | Path, options: Mapping[str, Mapping[str, Any]]) -> Path:
+    """Write ``options`` (figure name -> keyword arguments) next to a notebook's tables."""
+    import json
+
+    path = Path(out_dir) / FIGURE_OPTIONS
+    path.write_text(json.dumps(options, indent=1, default=str) + "\n")
+    return path
+
+
+def figure_options(table_path: Path, name: str) -> dict[str, Any]:
+    """The keyword arguments saved for figure ``name`` beside ``table_path`` (or none)."""
+    import json
+
+    path = Path(table_path).parent / FIGURE_OPTIONS
+    if not path.is_file():
+        return {}
+    options = json.loads(path.read_text()).get(name, {})
+    if "layer_labels" in options:
+        options["layer_labels"] = {int(k): v for k, v in options["layer_labels"].items()}
+    return options

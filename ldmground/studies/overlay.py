@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+BOX_COLOUR = (0, 255, 255)  # cyan: absent from the heatmap's colour map
+
 
 def heatmap_png(heatmap: np.ndarray) -> Image.Image:
     """8-bit grayscale picture of an [0, 1] heatmap; NaN becomes 0."""
@@ -19,9 +21,12 @@ def overlay(
     heatmap: np.ndarray,
     boxes: Sequence[Sequence[float]] = (),
     alpha: float = 0.45,
-    cmap: str = "jet",
+    cmap: str = "inferno",
 ) -> Image.Image:
-    """RGB picture: the X-ray in gray, the heatmap in colour where it is > 0, boxes in green.
+    """RGB picture: the X-ray in gray, the heatmap in colour where it is > 0, boxes in cyan.
+
+    The colour map is perceptually uniform (``inferno``: black -> red -> yellow), so equal
+    steps of the heatmap look equally large, and it has no cyan, the boxes' colour.
 
     Args:
         image: (H, W) float in [0, 1]; heatmap: (H, W) in [0, 1] with NaN allowed.
@@ -38,7 +43,7 @@ def overlay(
     draw = ImageDraw.Draw(pic)
     width = max(1, round(min(image.shape) / 200))
     for x, y, w, h in boxes:
-        draw.rectangle([x, y, x + w - 1, y + h - 1], outline=(0, 255, 0), width=width)
+        draw.rectangle([x, y, x + w - 1, y + h - 1], outline=BOX_COLOUR, width=width)
     return pic
 
 
