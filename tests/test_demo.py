@@ -52,8 +52,8 @@ def test_demo_reads_the_side_word():
 
 
 def test_export_demo_writes_a_loadable_hashed_folder(tmp_path):
-    from ldmground.demo.networks import demo_unet, demo_vae
     from ldmground.demo.export import export_demo
+    from ldmground.demo.networks import demo_unet, demo_vae
     from ldmground.demo.training import DemoTrainConfig
     from ldmground.models.folder import load_pipeline
 
@@ -292,8 +292,8 @@ class _KeepProbs:
 
 def test_grounding_a_text_sink_model_reads_the_phrase_keys_after_the_sink(tmp_path):
     from ldmground.config import get_preset
-    from ldmground.demo.networks import demo_unet, demo_vae
     from ldmground.demo.export import export_demo
+    from ldmground.demo.networks import demo_unet, demo_vae
     from ldmground.demo.training import DemoTrainConfig
     from ldmground.method.grounding import run_attention
     from ldmground.models.folder import load_pipeline

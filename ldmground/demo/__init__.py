@@ -34,9 +34,7 @@ _MOVED = {"DEMO_DIR", "demo_dir", "verify_hashes", "write_hashes"}  # now in ldm
 def __getattr__(name: str):
     # Names load on first use so that `import ldmground.demo` stays cheap.
     if name in _MOVED:
-        warnings.warn(
-            f"ldmground.demo.{name} moved to ldmground.models.{name}", DeprecationWarning, stacklevel=2
-        )
+        warnings.warn(f"ldmground.demo.{name} moved to ldmground.models.{name}", DeprecationWarning, stacklevel=2)
         return getattr(importlib.import_module("ldmground.models.folder"), name)
     for module in _MODULES:
         mod = importlib.import_module(f"{__name__}.{module}")

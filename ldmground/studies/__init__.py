@@ -8,7 +8,16 @@ May use every layer below it (``config``, ``metrics``, ``method``, ``models``, `
 they are imported on their own (``from ldmground.studies import figures``).
 """
 
-from .cache import CachedSample, cache_samples, full_window, heatmap_from_cache, load_samples, pick_samples, score
+from .cache import (
+    CachedSample,
+    cache_samples,
+    full_window,
+    heatmap_from_cache,
+    load_samples,
+    pick_samples,
+    score,
+    shared_cache,
+)
 from .panels import load_examples, map_panels, save_examples, save_panels, to_markdown
 from .probes import finding_visibility, phrase_attention_ratio, text_denoising_gain
 from .report import comparison_table, summary_with_ci
@@ -49,6 +58,7 @@ __all__ = [
     "save_examples",
     "save_panels",
     "score",
+    "shared_cache",
     "step_sweep",
     "summarize_sweep",
     "summary_with_ci",

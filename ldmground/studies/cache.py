@@ -248,7 +248,7 @@ def score(cs: CachedSample, heatmap: np.ndarray) -> dict[str, float]:
 
 # Settings that only change how cached maps are read, not the cache itself.
 _READ_OUT_FIELDS = {
-    "window", "layers", "tokens", "normalize_maps", "pooling", "sigma", "blur_mode", "otsu", "contrast", "threads",
+    "window", "layers", "tokens", "normalize_maps", "pooling", "sigma", "blur_mode", "otsu", "contrast",
 }  # fmt: skip
 
 
