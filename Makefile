@@ -11,7 +11,7 @@ OUT ?= outputs
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-fast reproduce lint clean
+.PHONY: install test test-fast reproduce explorer lint clean
 
 install: $(STAMP)
 
@@ -31,31 +31,55 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ldmground tests benchmarks
 
-# The main job: notebooks 01 -> 05 with papermill on the embedded default (the demo model on
-# the phantom split). Executed copies and result tables go to $(OUT)/, figures to figures/.
-# For a real model and MS-CXR (see README):
-#   make reproduce MODEL=models/cxr-ldm DATASET=.../MS_CXR_Local_Alignment_v1.1.0.csv \
-#        IMAGES=/data/mimic-cxr-jpg PRESET=paper LIMIT=1200
+# The main job: notebooks 01 -> 05 with papermill. On the embedded default (the demo model,
+# the phantom validation split for the sweeps of 01-03, its test split for 04; SPLIT= and
+# TEST_SPLIT= name the rows of a CSV's `split` column, empty for every row) the notebooks
+# run with their own parameters and are written back in place with their outputs, and the
+# figures go to figures/: what is committed. Any other setting writes the executed copies
+# and the figures under $(OUT)/ only. For a real model and MS-CXR (see README):
+#   make reproduce MODEL=models/cxr-ldm PRESET=paper DEVICE=cuda LIMIT=1200 OUT=outputs/mscxr \
+#        DATASET=/data/MS_CXR_Local_Alignment_v1.1.0.csv IMAGES=/data/mimic-cxr-jpg
 MODEL ?= demo
 DATASET ?= data/phantom/test.csv
 IMAGES ?= data/phantom
-PRESET ?= demo
-STEPS ?= null
-LIMIT ?= 200
+SWEEP_DATASET ?= $(if $(filter data/phantom/test.csv,$(DATASET)),data/phantom/val.csv,$(DATASET))
+SPLIT ?= val
+TEST_SPLIT ?= test
+N_SAMPLES ?= 120
+PRESET ?=
+STEPS ?=
+LIMIT ?=
 DEVICE ?=
-FIGURES ?= figures
 NOTEBOOKS := 01_feature_selection 02_aggregation 03_postprocessing 04_mscxr_evaluation
+EMBEDDED := $(and $(filter demo,$(MODEL)),$(filter data/phantom/test.csv,$(DATASET)),$(filter data/phantom,$(IMAGES)),$(filter data/phantom/val.csv,$(SWEEP_DATASET)),$(filter val,$(SPLIT)),$(filter 120,$(N_SAMPLES)),$(if $(PRESET)$(STEPS)$(LIMIT)$(DEVICE),,yes))
+# a model given as a folder is made absolute (papermill runs in notebooks/); a name stays a name
+MODEL_ARG := $(if $(wildcard $(MODEL)),$(abspath $(MODEL)),$(MODEL))
+PARAMS = -p model $(MODEL_ARG) -p images $(abspath $(IMAGES)) -p out_dir $(abspath $(OUT))/$$nb \
+	-p figures_dir $(abspath $(OUT))/figures \
+	$(if $(PRESET),-p preset $(PRESET)) $(if $(STEPS),-p steps $(STEPS)) $(if $(DEVICE),-p device $(DEVICE))
 reproduce: $(STAMP)
+ifeq ($(EMBEDDED),yes)
+	set -e; for nb in $(NOTEBOOKS) 05_figures; do \
+	  $(VENV)/bin/papermill --cwd notebooks notebooks/$$nb.ipynb notebooks/$$nb.ipynb; \
+	done
+	@echo "figures in figures/, tables in outputs/, executed notebooks in notebooks/"
+else
 	mkdir -p $(OUT)/notebooks
 	set -e; for nb in $(NOTEBOOKS); do \
-	  $(VENV)/bin/papermill --cwd notebooks notebooks/$$nb.ipynb $(OUT)/notebooks/$$nb.ipynb \
-	    -p model $(MODEL) -p dataset $(abspath $(DATASET)) -p images $(abspath $(IMAGES)) \
-	    -p preset $(PRESET) -y "steps: $(STEPS)" -p out_dir $(abspath $(OUT))/$$nb -p figures_dir $(abspath $(FIGURES)) \
-	    $(if $(DEVICE),-p device $(DEVICE)) $$( [ $$nb = 04_mscxr_evaluation ] && echo "-p limit $(LIMIT)" ); \
+	  if [ $$nb = 04_mscxr_evaluation ]; then extra="-p dataset $(abspath $(DATASET)) $(if $(TEST_SPLIT),-p split $(TEST_SPLIT),-p split None) $(if $(LIMIT),-p limit $(LIMIT))"; \
+	  else extra="-p dataset $(abspath $(SWEEP_DATASET)) $(if $(SPLIT),-p split $(SPLIT),-p split None) -p n_samples $(N_SAMPLES) -p cache_dir $(abspath $(OUT))/cache"; fi; \
+	  $(VENV)/bin/papermill --cwd notebooks notebooks/$$nb.ipynb $(OUT)/notebooks/$$nb.ipynb $(PARAMS) $$extra; \
 	done
 	$(VENV)/bin/papermill --cwd notebooks notebooks/05_figures.ipynb $(OUT)/notebooks/05_figures.ipynb \
-	  -p results_dir $(abspath $(OUT)) -p figures_dir $(abspath $(FIGURES))
-	@echo "figures in $(FIGURES)/, tables in $(OUT)/04_mscxr_evaluation/"
+	  -p results_dir $(abspath $(OUT)) -p figures_dir $(abspath $(OUT))/figures
+	@echo "figures in $(OUT)/figures/, tables in $(OUT)/, executed notebooks in $(OUT)/notebooks/"
+endif
+
+# The explorer on a copy of notebook 06 (JupyterLab's autosave never touches the tracked one).
+explorer: $(STAMP)
+	mkdir -p $(OUT)/explorer
+	cp notebooks/06_explorer.ipynb $(OUT)/explorer/06_explorer.ipynb
+	$(VENV)/bin/jupyter lab --notebook-dir=$(CURDIR) $(OUT)/explorer/06_explorer.ipynb
 
 clean:
 	rm -rf $(OUT) .pytest_cache

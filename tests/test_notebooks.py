@@ -3,6 +3,7 @@ and writes the files it promises; 05 redraws every figure from the results of 01
 
 import json
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,11 +14,13 @@ papermill = pytest.importorskip("papermill")
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 PHANTOM = ROOT / "data" / "phantom"
-CHEAP = {"model": "tiny", "dataset": str(PHANTOM / "test.csv"), "images": str(PHANTOM), "preset": "demo"}
+CHEAP = {"model": "tiny", "images": str(PHANTOM), "preset": "demo"}
+SWEEP = {"dataset": str(PHANTOM / "val.csv"), "split": "val"}
+TEST = {"dataset": str(PHANTOM / "test.csv"), "split": "test"}
 
 EXPECTED = {
     "01_feature_selection": (
-        ["layers.csv", "steps.csv", "windows.csv", "layer_maps.npz", "step_maps.npz"],
+        ["layers.csv", "steps.csv", "windows.csv", "layer_maps.npz", "step_maps.npz", "figure_options.json"],
         [
             "feature_selection_layers",
             "feature_selection_steps",
@@ -27,11 +30,11 @@ EXPECTED = {
         ],
     ),
     "02_aggregation": (
-        ["aggregation.csv", "attribution.csv", "inversion_steps.csv"],
+        ["aggregation.csv", "attribution.csv", "inversion_steps.csv", "figure_options.json"],
         ["aggregation", "aggregation_inversion_steps"],
     ),
     "03_postprocessing": (
-        ["postprocessing.csv", "thresholds.csv", "contrast.csv"],
+        ["postprocessing.csv", "thresholds.csv", "contrast.csv", "figure_options.json"],
         ["postprocessing_sigma", "postprocessing_thresholds", "postprocessing_contrast"],
     ),
     "04_mscxr_evaluation": (
@@ -50,10 +53,10 @@ EXPECTED = {
     ),
 }
 PARAMS = {
-    "01_feature_selection": {"steps": 10, "n_samples": 4},
-    "02_aggregation": {"steps": 10, "n_samples": 3, "step_counts": [5, 10]},
-    "03_postprocessing": {"steps": 10, "n_samples": 3, "sigmas": [0.0, 4.0], "contrasts": [0.0, 0.5]},
-    "04_mscxr_evaluation": {"steps": 5, "limit": 4, "n_examples": 2},
+    "01_feature_selection": {**SWEEP, "steps": 10, "n_samples": 8},
+    "02_aggregation": {**SWEEP, "steps": 10, "n_samples": 8, "n_samples_steps": 3, "step_counts": [5, 10]},
+    "03_postprocessing": {**SWEEP, "steps": 10, "n_samples": 8, "sigmas": [0.0, 4.0], "contrasts": [0.0, 0.5]},
+    "04_mscxr_evaluation": {**TEST, "steps": 5, "limit": 4, "n_examples": 2},
 }
 
 
@@ -95,7 +98,15 @@ def workdir(tmp_path_factory):
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_numbered_notebook_writes_its_results(workdir, name):
     out = workdir / "outputs" / name
-    _run(name, workdir, **CHEAP, **PARAMS[name], out_dir=str(out), figures_dir=str(workdir / "figures"))
+    _run(
+        name,
+        workdir,
+        **CHEAP,
+        **PARAMS[name],
+        out_dir=str(out),
+        figures_dir=str(workdir / "figures"),
+        **({} if name.startswith("04") else {"cache_dir": str(workdir / "cache")}),
+    )
     files, figs = EXPECTED[name]
     for f in files:
         assert (out / f).is_file(), f
@@ -122,6 +133,112 @@ def test_figures_notebook_redraws_every_figure(workdir):
 
 @pytest.mark.slow
 def test_explorer_notebook_runs(workdir):
-    nb = _run("06_explorer", workdir, **CHEAP, steps=10, n_samples=3)
+    nb = _run("06_explorer", workdir, **CHEAP, dataset=str(PHANTOM / "test.csv"), steps=10, n_samples=3)
     texts = [o.get("data", {}).get("text/plain", "") for c in nb["cells"] for o in c.get("outputs", [])]
     assert any("'cnr'" in "".join(t) for t in texts)
+
+
+# --- the committed notebooks: outputs of the embedded default, checked by nbval -----------------
+
+COMMITTED = ["01_feature_selection", "02_aggregation", "03_postprocessing", "04_mscxr_evaluation", "05_figures"]
+MACHINE_PATH = re.compile(r"(/home/|/root/|/tmp/|/work/|/Users/|[A-Z]:\\\\)")
+
+
+def _outputs_text(nb: dict) -> str:
+    parts = []
+    for cell in nb["cells"]:
+        parts.append("".join(cell["source"]))
+        for out in cell.get("outputs", []):
+            parts.append("".join(out.get("text", "")))
+            for key, value in out.get("data", {}).items():
+                if not key.startswith("image/"):
+                    parts.append("".join(value) if isinstance(value, list) else str(value))
+    return "\n".join(parts)
+
+
+@pytest.mark.parametrize("name", COMMITTED)
+def test_committed_notebook_carries_the_default_run(name):
+    path = NOTEBOOKS / f"{name}.ipynb"
+    nb = json.loads(path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(c.get("outputs") or "parameters" in c["metadata"].get("tags", []) for c in code), "cells without outputs"
+    assert not any(o.get("output_type") == "error" for c in code for o in c["outputs"])
+    assert not any("injected-parameters" in c["metadata"].get("tags", []) for c in code), "papermill parameters"
+    assert path.stat().st_size <= 2_000_000
+    assert MACHINE_PATH.findall(_outputs_text(nb)) == []
+    if name != "05_figures":  # a chapter ends in its findings, computed in the run
+        assert "What we found" in "".join(nb["cells"][-2]["source"])
+        assert nb["cells"][-1]["outputs"] and "NBVAL_CHECK_OUTPUT" in "".join(nb["cells"][-1]["source"])
+
+
+def test_every_committed_figure_is_made_by_a_notebook_and_shown_in_the_docs():
+    made = set()
+    for name in COMMITTED:
+        made |= set(
+            re.findall(
+                r'"([a-z_]+)"',
+                "".join(
+                    c for cell in json.loads((NOTEBOOKS / f"{name}.ipynb").read_text())["cells"] for c in cell["source"]
+                ),
+            )
+        )
+    docs = (ROOT / "README.md").read_text() + "".join(p.read_text() for p in (ROOT / "docs").glob("*.md"))
+    for png in (ROOT / "figures").glob("*.png"):
+        if png.stem != "phantom_samples":  # drawn by data/README.md's command
+            assert png.stem in made, f"{png.name} is made by no notebook"
+        assert f"figures/{png.name}" in docs, f"{png.name} is shown nowhere in README or docs"
+
+
+@pytest.mark.slow
+def test_committed_notebooks_reproduce_under_nbval(tmp_path):
+    """nbval re-runs the committed notebooks (01 -> 05, in a copy of the repository layout so
+    that nothing tracked is written) and compares the result cells marked NBVAL_CHECK_OUTPUT."""
+    import shutil
+    import subprocess
+    import sys
+
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "data").symlink_to(ROOT / "data")
+    for name in COMMITTED:
+        shutil.copy(NOTEBOOKS / f"{name}.ipynb", tmp_path / "notebooks")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--nbval-lax",
+            "--nbval-cell-timeout=1800",
+            *[f"notebooks/{n}.ipynb" for n in COMMITTED],
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert (tmp_path / "figures" / "qualitative.png").is_file()
+
+
+def test_a_run_on_other_data_writes_only_under_out():
+    """`make reproduce` with a CSV of its own writes executed copies and figures under OUT only:
+    the committed notebooks and figures/ are written only by the embedded default."""
+    import subprocess
+
+    def dry(*args: str) -> str:
+        done = subprocess.run(["make", "-n", "reproduce", *args], cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    other = dry("DATASET=/data/MS_CXR_Local_Alignment_v1.1.0.csv", "IMAGES=/data/mimic", "OUT=/tmp/ms")
+    papermill_lines = [line for line in other.splitlines() if "papermill" in line]
+    assert papermill_lines and all(" /tmp/ms/notebooks/" in line for line in papermill_lines)
+    assert "figures_dir /tmp/ms/figures" in other and f"{ROOT}/figures" not in other
+    default = dry()
+    assert "notebooks/$nb.ipynb notebooks/$nb.ipynb" in default
+    assert " -p " not in default  # no injected parameters: no machine paths in committed outputs
+    assert " -p preset paper" in dry("PRESET=paper") and "notebooks/$nb.ipynb notebooks/$nb" not in dry("PRESET=paper")
