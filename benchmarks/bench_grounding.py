@@ -106,8 +106,8 @@ def run_ldmground(pipe, image, cfg, bare: bool = False) -> dict:
 
 def run_bare(pipe, image, cfg, counter) -> dict:
     """The UNet forwards of (a), same batches, no recorder, no post-processing."""
-    from ldmground.method.grounding import _DTYPES
     from ldmground.method.heatmap import preprocess
+    from ldmground.method.inversion import DTYPES as _DTYPES
     from ldmground.method.inversion import ddim_invert, make_scheduler
 
     start = time.perf_counter()
@@ -154,8 +154,8 @@ class KeepEverything:
 
 def run_reference(pipe, image, cfg) -> dict:
     from ldmground.method.attention import cross_attention_layers, minmax, upsample_map
-    from ldmground.method.grounding import _DTYPES
     from ldmground.method.heatmap import postprocess, preprocess
+    from ldmground.method.inversion import DTYPES as _DTYPES
     from ldmground.method.inversion import inversion_timesteps, make_scheduler, split_prediction
     from ldmground.method.tokens import select_tokens
 

@@ -34,7 +34,8 @@ def main() -> None:
     from ldmground.config import get_preset
     from ldmground.datasets.mscxr import load_mscxr
     from ldmground.demo.selection import rank_settings
-    from ldmground.method.heatmap import Geometry, postprocess
+    from ldmground.geometry import Geometry
+    from ldmground.method.heatmap import postprocess
     from ldmground.metrics import all_metrics
     from ldmground.runs.baselines import oracle_at
 

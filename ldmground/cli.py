@@ -19,6 +19,18 @@ def _threads(text: str) -> int | None:
     return None if text == "auto" else int(text)
 
 
+def _batch_images(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch-images takes a number >= 1 or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--batch-images takes a number >= 1 or 'auto', got {text!r}")
+    return value
+
+
 def _int_levels(text: str) -> int | tuple[int, ...]:
     """'2' -> 2 (every level); '1,4,2' -> (1, 4, 2) (one per level)."""
     parts = [int(x) for x in text.split(",")]
@@ -177,6 +189,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         dataset_format=args.dataset_format,
         prompt_template=args.prompt_template,
         classes=args.classes,
+        batch_images=args.batch_images,
     )
     report = evaluate(
         grounder,
@@ -316,6 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="run N processes, one shard each, on this machine (use it with the default --threads 1 to fill the "
         "cores; results are identical to one process)",
+    )
+    p.add_argument(
+        "--batch-images",
+        type=_batch_images,
+        default=None,
+        metavar="B",
+        help="ground B images together, one UNet batch per step (default 'auto': the batch size this --out "
+        "folder already uses, else 1 on the CPU and one from the free GPU memory on CUDA); results of another B "
+        "differ in their last bits and are stored apart (docs/performance.md)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar or table")
     p.add_argument("--no-summary", action="store_true", help=argparse.SUPPRESS)  # workers leave it to the caller

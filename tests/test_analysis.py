@@ -281,8 +281,8 @@ def test_phrase_attention_ratio_compares_the_raw_maps_inside_and_outside_the_box
     import torch
 
     from ldmground.datasets.mscxr import Sample
+    from ldmground.geometry import Geometry
     from ldmground.method.grounding import AttentionCache
-    from ldmground.method.heatmap import Geometry
 
     # a 128-px image seen by a 64-px model; the box is the left half of the image
     sample = Sample(

@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ldmground import LdmGroundError, get_preset
+from ldmground.config import get_preset
+from ldmground.errors import LdmGroundError
 from ldmground.studies import cache as cache_module
 from ldmground.studies.cache import load_samples, shared_cache
 from ldmground.studies.layers import PAPER_LAYERS, describe, layer_table, paper_equivalent
@@ -23,7 +24,8 @@ PHANTOM = ROOT / "data" / "phantom"
 def test_the_tiny_unet_has_the_paper_layout_and_the_paper_layers_are_its_coarsest(tiny_pipe):
     table = layer_table(tiny_pipe)
     assert table["block"].tolist() == [
-        "down 1.0", "down 1.1", "down 2.0", "down 2.1", "mid", "up 0.0", "up 0.1", "up 0.2", "up 1.0", "up 1.1", "up 1.2",
+        "down 1.0", "down 1.1", "down 2.0", "down 2.1", "mid", "up 0.0", "up 0.1", "up 0.2",
+        "up 1.0", "up 1.1", "up 1.2",
     ]  # fmt: skip
     coarsest = paper_equivalent(table)
     assert set(PAPER_LAYERS) <= set(coarsest) and coarsest == (2, 3, 4, 5, 6, 7)
@@ -32,7 +34,7 @@ def test_the_tiny_unet_has_the_paper_layout_and_the_paper_layers_are_its_coarses
 
 
 def test_the_demo_unets_coarsest_layers_are_its_presets():
-    from ldmground.models import load_pipeline
+    from ldmground.models.folder import load_pipeline
 
     pipe = load_pipeline("demo")
     table = layer_table(pipe)

@@ -314,8 +314,10 @@ def test_grounding_a_text_sink_model_reads_the_phrase_keys_after_the_sink(tmp_pa
     store, (sel,), _, _, _ = run_attention(pipe, image, ["left pleural effusion"], config, keep_maps=True)
     recorded = [m.flatten(1) for m in store.maps[0].values()]  # (T, h*w) per step
     keys = [2 + p for p in sel.positions]  # the sink's 2 keys come first
-    truth = [p[1][:, keys].T for p in keeper.probs]  # row 1 carries the phrase
-    unshifted = [p[1][:, list(sel.positions)].T for p in keeper.probs]
+    # the empty-prompt walk's 3 calls come first, then the window's 3 calls of the phrase alone
+    phrase_calls = keeper.probs[3:]
+    truth = [p[0][:, keys].T for p in phrase_calls]
+    unshifted = [p[0][:, list(sel.positions)].T for p in phrase_calls]
     assert len(recorded) == 3 and len(truth) == 3
     for got, want, wrong in zip(recorded, truth, unshifted, strict=True):
         torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-6)

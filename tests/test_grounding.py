@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from ldmground.method.grounding import attention_cache, ground, pool_maps
+from ldmground.method.aggregate import pool_maps
+from ldmground.method.grounding import attention_cache, ground
 
 from .helpers import QUICK
 

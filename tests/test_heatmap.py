@@ -4,7 +4,8 @@ from PIL import Image
 
 from ldmground.config import GroundingConfig, get_preset
 from ldmground.errors import LdmGroundError
-from ldmground.method.heatmap import Geometry, load_image, postprocess, preprocess
+from ldmground.geometry import Geometry
+from ldmground.method.heatmap import load_image, postprocess, preprocess
 
 
 def test_geometry_landscape_round_trip():

@@ -65,8 +65,9 @@ def test_paper_grid_and_early_stop():
 
     uncond, phrases = torch.zeros(1, 4, 8), torch.zeros(2, 4, 8)
     res = ddim_invert(predict, torch.zeros(1, 3, 4, 4), sched, 300, uncond, phrases=phrases, read_steps=range(120, 180))
-    assert len(calls) == 180  # stops after the last read step
+    assert len(calls) == 180 + 60  # stops after the last read step
     assert [b for t, b in calls if t < 360] == [1] * 120  # empty prompt only before the window
-    assert all(b == 3 for t, b in calls if t >= 360)  # empty + 2 phrases inside it
+    # inside it, each step's empty-prompt call, then a call of its 2 phrases
+    assert [b for t, b in calls if t >= 360] == [1, 2] * 60
     assert res.unet_evals == 120 + 60 * 3
     assert res.timesteps[-1] == 537

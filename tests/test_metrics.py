@@ -85,7 +85,7 @@ def test_pointing_game():
 
 
 def test_oracle_at_a_layer_resolution_keeps_the_box_mass_and_blurs_its_edges():
-    from ldmground.method.heatmap import Geometry
+    from ldmground.geometry import Geometry
     from ldmground.runs.baselines import oracle_at, oracle_boxes
 
     geo = Geometry(128, 128, 64)  # boxes in 128-px original pixels, model frame 64 px

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..method.heatmap import Geometry
+from ..geometry import Geometry
 
 
 def centre_prior(geometry: Geometry, sigma_fraction: float = 0.25) -> np.ndarray:

@@ -9,6 +9,12 @@ the rows of this run's (model, weights, config) are exported to ``results.csv`` 
 summarised per category in ``summary.csv``; ``run.json`` records the version, config, model
 spec and the weights' SHA-256.
 
+With ``batch_images`` B > 1 (``--batch-images``) the images are grounded B at a time, in
+batches fixed by the data set's order (consecutive images, whatever is done already), each
+committed in one transaction; shards take whole batches. A batch's size changes the last
+bits of its images' results (docs/performance.md), so the key holds B when it is not 1 and
+runs under different B never share rows; ``run.json`` records B under ``compute``.
+
 Per-sample problems (unreadable image, empty phrase, zero-area box, a malformed row of a box
 list, ...) are stored with ``status="failed"`` and a reason, and the batch goes on.
 Configuration problems (missing columns, unknown model, no image found at all) stop before
@@ -21,7 +27,6 @@ import hashlib
 import json
 import logging
 import math
-import sqlite3
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -39,28 +44,9 @@ from ..errors import LdmGroundError
 from ..method.heatmap import load_image
 from ..metrics import all_metrics
 from .grounders import CentrePriorGrounder, DiffusionGrounder, Grounder
+from .store import COLUMNS, METRICS, RESULTS_VERSION, ResultStore, sample_key
 
 log = logging.getLogger(__name__)
-
-METRICS = ["cnr", "cnr_signed", "cnr_union", "miou", "auc_roc", "auc_roc_binned", "pointing"]
-COLUMNS = [
-    "key",
-    "sample_id",
-    "dicom_id",
-    "category",
-    "phrase",
-    "model",
-    "config_hash",
-    *METRICS,
-    "unet_evals",
-    "seconds",
-    "status",
-    "message",
-]
-
-
-# --- grounders: anything that turns (image, phrases) into original-frame heatmaps ---------
-
 
 def make_grounder(spec: str, config: GroundingConfig, device: str | None = None) -> Grounder:
     """``centre-prior``, ``biovil`` / ``biovil-t`` (also ``biovil[-t]:<folder>`` or ``:random``:
@@ -81,53 +67,8 @@ def make_grounder(spec: str, config: GroundingConfig, device: str | None = None)
 
 
 # Raised whenever stored rows of an earlier release would no longer be what this one computes
-# (2: the authors' metric definitions, the model's own input range and single-threaded runs).
-RESULTS_VERSION = 2
-
-
-def sample_key(sample_id: str, config_hash: str, model: str, weights: str = "") -> str:
-    """The store's primary key; ``weights`` is :attr:`Grounder.weights_digest`."""
-    text = f"{sample_id}|{config_hash}|{model}" + (f"|{weights}" if weights else "") + f"|v{RESULTS_VERSION}"
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-class ResultStore:
-    """SQLite results table; every write is its own committed transaction."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.db = sqlite3.connect(path, timeout=60, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA busy_timeout=60000")
-        cols = ", ".join(f"{c} {'TEXT PRIMARY KEY' if c == 'key' else ''}" for c in COLUMNS)
-        self.db.execute(f"CREATE TABLE IF NOT EXISTS results ({cols})")
-
-    def done_keys(self) -> set[str]:
-        return {k for (k,) in self.db.execute("SELECT key FROM results")}
-
-    def write(self, rows: list[dict]) -> None:
-        marks = ", ".join("?" for _ in COLUMNS)
-        self.db.execute("BEGIN IMMEDIATE")
-        self.db.executemany(
-            f"INSERT OR REPLACE INTO results ({', '.join(COLUMNS)}) VALUES ({marks})",
-            [[r.get(c) for c in COLUMNS] for r in rows],
-        )
-        self.db.execute("COMMIT")
-
-    def frame(self, model: str, config_hash: str) -> pd.DataFrame:
-        return pd.read_sql_query(
-            "SELECT * FROM results WHERE model = ? AND config_hash = ? ORDER BY rowid",
-            self.db,
-            params=(model, config_hash),
-        )
-
-    def close(self) -> None:
-        self.db.close()
-
-
-# --- the run ---------------------------------------------------------------------------------
-
-
+# (2: the authors' metric definitions, the model's own input range and single-threaded runs;
+# 3: the phrase rows are a UNet call of their own, apart from the empty prompt's).
 @dataclass
 class EvaluationReport:
     """Counts of one call of :func:`evaluate` and where its files are."""
@@ -185,10 +126,10 @@ def _validate_sample(sample: Sample, grounder: Grounder) -> list[str]:
     return notes
 
 
-def _row(sample: Sample, grounder: Grounder, chash: str, status: str, message: str = "", **values) -> dict:
+def _row(sample: Sample, grounder: Grounder, chash: str, batch: int, status: str, message: str = "", **values) -> dict:
     row = {c: None for c in COLUMNS}
     row.update(
-        key=sample_key(sample.sample_id, chash, grounder.spec, grounder.weights_digest),
+        key=sample_key(sample.sample_id, chash, grounder.spec, grounder.weights_digest, batch),
         sample_id=sample.sample_id,
         dicom_id=sample.dicom_id,
         category=sample.category,
@@ -202,47 +143,94 @@ def _row(sample: Sample, grounder: Grounder, chash: str, status: str, message: s
     return row
 
 
-def _ground_image(grounder: Grounder, path: Path, samples: list[Sample], chash: str, words_for) -> list[dict]:
-    """All rows of one image; never raises for a per-sample problem."""
-    rows, good, notes = [], [], {}
-    for s in samples:
+def _ground_images(
+    grounder: Grounder, root: Path, groups: list[tuple[str, list[Sample]]], chash: str, words_for, batch: int
+) -> list[dict]:
+    """All rows of a batch of images (``(path, samples)`` each); never raises for a
+    per-sample or per-image problem: a bad image fails alone, its batch goes on."""
+    rows, items, meta = [], [], []
+    for path, samples in groups:
+        good, notes = [], {}
+        for s in samples:
+            try:
+                notes[s.sample_id] = _validate_sample(s, grounder)
+                good.append(s)
+            except LdmGroundError as err:
+                rows.append(_row(s, grounder, chash, batch, "failed", str(err)))
+        if not good:
+            continue
         try:
-            notes[s.sample_id] = _validate_sample(s, grounder)
-            good.append(s)
-        except LdmGroundError as err:
-            rows.append(_row(s, grounder, chash, "failed", str(err)))
-    if not good:
-        return rows
-    start = time.perf_counter()
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            image = load_image(path)
+            image = load_image(root / path)
             if image.shape != (good[0].height, good[0].width):
                 raise LdmGroundError(
-                    f"image {path} is {image.shape[1]}x{image.shape[0]} but the CSV says "
+                    f"image {root / path} is {image.shape[1]}x{image.shape[0]} but the CSV says "
                     f"{good[0].width}x{good[0].height} (fields image_width, image_height)"
                 )
-            maps = grounder(image, [s.phrase for s in good], [words_for(s) for s in good])
-        image_notes = [str(w.message) for w in caught if "smaller than the model input" in str(w.message)]
-    except LdmGroundError as err:
-        return rows + [_row(s, grounder, chash, "failed", str(err)) for s in good]
-    except Exception as err:  # a crash inside the model must not end the batch
-        log.exception("grounding failed on %s", path)
-        return rows + [_row(s, grounder, chash, "failed", f"{type(err).__name__}: {err}") for s in good]
-    seconds = (time.perf_counter() - start) / len(good)
-    for s, hm, extra in zip(good, maps.maps, maps.notes, strict=True):
-        msgs = list(dict.fromkeys(notes[s.sample_id] + list(extra) + image_notes))  # check_phrase repeats some
-        if not np.isfinite(hm).any():
-            rows.append(_row(s, grounder, chash, "failed", "heatmap is all NaN"))
+        except LdmGroundError as err:
+            rows += [_row(s, grounder, chash, batch, "failed", str(err)) for s in good]
             continue
-        finite = hm[np.isfinite(hm)]
-        if finite.max() == finite.min():
-            msgs.append("constant heatmap")
-        values = all_metrics(hm, s.boxes)
-        extra_cols = {"unet_evals": maps.unet_evals, "seconds": seconds, **values}
-        rows.append(_row(s, grounder, chash, "ok", "; ".join(msgs), **extra_cols))
+        items.append((image, [s.phrase for s in good], [words_for(s) for s in good]))
+        meta.append((root / path, good, notes))
+    if not items:
+        return rows
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True):  # kept per image in Heatmaps.image_notes
+        warnings.simplefilter("always")
+        outcomes = grounder.ground_batch(items)
+    seconds = (time.perf_counter() - start) / sum(len(good) for _, good, _ in meta)
+    for (path, good, notes), maps in zip(meta, outcomes, strict=True):
+        if isinstance(maps, LdmGroundError):
+            rows += [_row(s, grounder, chash, batch, "failed", str(maps)) for s in good]
+            continue
+        if isinstance(maps, Exception):  # a crash inside the model must not end the batch
+            log.error("grounding failed on %s", path, exc_info=maps)
+            rows += [_row(s, grounder, chash, batch, "failed", f"{type(maps).__name__}: {maps}") for s in good]
+            continue
+        image_notes = [n for n in maps.image_notes if "smaller than the model input" in n]
+        for s, hm, extra in zip(good, maps.maps, maps.notes, strict=True):
+            msgs = list(dict.fromkeys(notes[s.sample_id] + list(extra) + image_notes))  # check_phrase repeats some
+            if not np.isfinite(hm).any():
+                rows.append(_row(s, grounder, chash, batch, "failed", "heatmap is all NaN"))
+                continue
+            finite = hm[np.isfinite(hm)]
+            if finite.max() == finite.min():
+                msgs.append("constant heatmap")
+            values = all_metrics(hm, s.boxes)
+            extra_cols = {"unet_evals": maps.unet_evals, "seconds": seconds, **values}
+            rows.append(_row(s, grounder, chash, batch, "ok", "; ".join(msgs), **extra_cols))
     return rows
+
+
+def image_batches(samples: Sequence[Sample], batch: int) -> list[list[str]]:
+    """The data set's images (paths, in order of first appearance) in consecutive groups
+    of ``batch``: fixed by the data set alone, so a resumed or sharded run batches every
+    image with the same others as an uninterrupted one."""
+    paths = list(dict.fromkeys(s.path for s in samples))
+    return [paths[k : k + batch] for k in range(0, len(paths), batch)]
+
+
+def _resolve_batch(requested: int | None, grounder: Grounder, store: ResultStore, run: str) -> int:
+    """Images per batch: 1 for grounders that ground one image at a time; else ``requested``
+    or, when None, the batch size stored for this run by an earlier or parallel process (so
+    that a rerun resumes and all processes agree), else the grounder's default."""
+    if requested is not None and requested < 1:
+        raise LdmGroundError(f"--batch-images must be >= 1, got {requested}")
+    if not grounder.batches_images:
+        if requested not in (None, 1):
+            log.info("%s grounds one image at a time; --batch-images %d has no effect", grounder.spec, requested)
+        return 1
+    if requested is not None:
+        stored = store.batch_size(run, requested)
+        if stored != requested:
+            log.warning(
+                "this output folder holds results of batch size %d; those of batch size %d are stored apart "
+                "(leave --batch-images out to continue with %d)",
+                stored,
+                requested,
+                stored,
+            )
+        return requested
+    return store.batch_size(run, grounder.default_batch_images())
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
@@ -291,6 +279,7 @@ def evaluate(
     dataset_format: str | None = None,
     prompt_template: str | None = None,
     classes: Sequence[str] | str | None = None,
+    batch_images: int | None = None,
 ) -> EvaluationReport:
     """Evaluate a model (spec or :class:`Grounder`) on a data set CSV.
 
@@ -311,6 +300,10 @@ def evaluate(
             of :func:`ldmground.datasets.load_dataset` (the format is detected from the
             CSV's columns when None; the template and classes are for VinDr-CXR and
             ChestX-ray8).
+        batch_images: images grounded together (one UNet batch per step); None: the batch
+            size this output folder's run already uses, else 1 on the CPU and one from the
+            free memory on CUDA. Results of different batch sizes are kept apart (see the
+            module's docstring).
     """
     from tqdm.auto import tqdm
 
@@ -339,29 +332,47 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     chash = config.digest()
     store = ResultStore(out / "results.sqlite")
+    run = f"{grounder.spec}|{grounder.weights_digest}|{chash}|v{RESULTS_VERSION}"
+    batch = _resolve_batch(batch_images, grounder, store, run)
     done = store.done_keys()
     if retry_failed:
         failed = set(store.frame(grounder.spec, chash).query("status == 'failed'")["key"])
         done -= failed
-    mine = [s for s in samples if in_shard(s.path, shard)]
-    key_of = {s.sample_id: sample_key(s.sample_id, chash, grounder.spec, grounder.weights_digest) for s in samples}
+    key_of = {
+        s.sample_id: sample_key(s.sample_id, chash, grounder.spec, grounder.weights_digest, batch) for s in samples
+    }
+    # whole batches go to a shard (by their first image; with batch 1, image by image)
+    batches = [b for b in image_batches(samples, batch) if in_shard(b[0], shard)]
+    mine_paths = {p for b in batches for p in b}
+    mine = [s for s in samples if s.path in mine_paths]
     todo = [s for s in mine if key_of[s.sample_id] not in done]
     skipped = len(mine) - len(todo)
-    log.info("shard %d/%d: %d of %d samples to compute, %d already done", *shard, len(todo), len(mine), skipped)
+    log.info(
+        "shard %d/%d: %d of %d samples to compute, %d already done (%d images per batch)",
+        *shard,
+        len(todo),
+        len(mine),
+        skipped,
+        batch,
+    )
     by_image: dict[str, list[Sample]] = {}
     for s in todo:
         by_image.setdefault(s.path, []).append(s)
     words_for = _class_words if config.tokens == "class" else (lambda s: [])
     succeeded = failed_n = 0
     bar = tqdm(total=len(todo), desc=f"evaluate {grounder.spec}", unit="sample", disable=not progress)
-    for path, group in by_image.items():
-        rows = _ground_image(grounder, root / path, group, chash, words_for)
-        store.write(rows)
+    for paths in batches:
+        groups = [(p, by_image[p]) for p in paths if p in by_image]
+        if not groups:
+            continue
+        rows = _ground_images(grounder, root, groups, chash, words_for, batch)
+        store.write(rows)  # the batch's rows in one transaction
         succeeded += sum(r["status"] == "ok" for r in rows)
         failed_n += sum(r["status"] != "ok" for r in rows)
         bar.update(len(rows))
         if on_image_done:
-            on_image_done(path)
+            for path, _ in groups:
+                on_image_done(path)
     bar.close()
     results = store.frame(grounder.spec, chash)
     order = {key_of[s.sample_id]: i for i, s in enumerate(samples)}
@@ -373,13 +384,14 @@ def evaluate(
         summary.to_csv(out / "summary.csv", index=False)
         listed = classes if classes is None or isinstance(classes, str | dict) else list(classes)
         dataset_info = {"format": fmt, "prompt_template": prompt_template, "classes": listed}
-        _write_provenance(out, grounder, config, dataset, counts, dataset_info)
+        _write_provenance(out, grounder, config, dataset, counts, dataset_info, batch)
     store.close()
     return EvaluationReport(out, succeeded, failed_n, skipped, summary, results)
 
 
-def compute_environment(config: GroundingConfig, device=None) -> dict:
-    """What the last bits of the results depend on (recorded in ``run.json``).
+def compute_environment(config: GroundingConfig, device=None, batch_images: int = 1) -> dict:
+    """What the last bits of the results depend on (recorded in ``run.json``), the images
+    per UNet batch among them.
 
     On one machine, the same software, device, dtype and ``threads`` give bitwise-identical
     results in every process; another CPU (its vector instructions), another torch, oneDNN
@@ -393,6 +405,7 @@ def compute_environment(config: GroundingConfig, device=None) -> dict:
         "torch": torch.__version__,
         "device": str(device or "cpu"),
         "dtype": config.dtype,
+        "batch_images": batch_images,
         "threads": config.threads if config.threads is not None else f"auto ({torch.get_num_threads()})",
         "cpu": platform.processor() or platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -414,7 +427,13 @@ def _class_words(sample: Sample) -> list[str]:
 
 
 def _write_provenance(
-    out: Path, grounder: Grounder, config: GroundingConfig, dataset, counts: dict, dataset_info: dict | None = None
+    out: Path,
+    grounder: Grounder,
+    config: GroundingConfig,
+    dataset,
+    counts: dict,
+    dataset_info: dict | None = None,
+    batch_images: int = 1,
 ) -> None:
     info = {
         "ldmground_version": __version__,
@@ -426,7 +445,7 @@ def _write_provenance(
         **{f"dataset_{k}": v for k, v in (dataset_info or {}).items()},
         "weights_sha256": grounder.weights_sha256,
         "weights_digest": grounder.weights_digest,
-        "compute": compute_environment(config, getattr(grounder, "device", None)),
+        "compute": compute_environment(config, getattr(grounder, "device", None), batch_images),
     }
     tmp = out / "run.json.tmp"
     tmp.write_text(json.dumps(info, indent=2) + "\n")

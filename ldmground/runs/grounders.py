@@ -29,14 +29,21 @@ class Heatmaps:
     maps: list[np.ndarray]
     unet_evals: int = 0
     notes: list[list[str]] = field(default_factory=list)
+    image_notes: list[str] = field(default_factory=list)  # warnings raised while grounding the image
 
 
 class Grounder:
-    """Interface: ``spec`` and ``__call__(image, phrases, words) -> Heatmaps``."""
+    """Interface: ``spec`` and ``__call__(image, phrases, words) -> Heatmaps``.
+
+    :meth:`ground_batch` grounds several images; grounders whose results depend on how
+    images are batched (``batches_images``) say so, and batch evaluation then keys their
+    results by the batch size.
+    """
 
     spec: str = ""
     image_size: int = 512
     weight_files: Sequence[Path] = ()
+    batches_images: bool = False
 
     @functools.cached_property
     def weights_sha256(self) -> dict[str, str]:
@@ -62,6 +69,29 @@ class Grounder:
     def __call__(self, image: np.ndarray, phrases: list[str], words: list[list[str]]) -> Heatmaps:
         raise NotImplementedError
 
+    def default_batch_images(self) -> int:
+        """Images per :meth:`ground_batch` call when none is asked for."""
+        return 1
+
+    def ground_batch(
+        self, items: Sequence[tuple[np.ndarray, list[str], list[list[str]]]]
+    ) -> list[Heatmaps | Exception]:
+        """Heatmaps of several ``(image, phrases, words)``; an image whose grounding raises
+        gets its exception in its place. This default grounds them one by one; the warnings
+        each raises are kept in its ``Heatmaps.image_notes``."""
+        out: list[Heatmaps | Exception] = []
+        for image, phrases, words in items:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    maps = self(image, phrases, words)
+                except Exception as err:
+                    out.append(err)
+                    continue
+            maps.image_notes = [*maps.image_notes, *(str(w.message) for w in caught)]
+            out.append(maps)
+        return out
+
 
 class CentrePriorGrounder(Grounder):
     """Baseline ``centre-prior``: the same Gaussian at the centre of every image."""
@@ -76,15 +106,37 @@ class CentrePriorGrounder(Grounder):
 
 
 class DiffusionGrounder(Grounder):
-    """The method: DDIM inversion + cross-attention of a :class:`GroundingPipeline`."""
+    """The method: DDIM inversion + cross-attention of a :class:`GroundingPipeline`.
 
-    def __init__(self, pipe, config: GroundingConfig):
+    ``cache``: an optional :class:`~ldmground.method.trajectory.TrajectoryCache` shared by its
+    calls (an image seen before is not inverted again).
+    """
+
+    batches_images = True
+
+    def __init__(self, pipe, config: GroundingConfig, cache=None):
         from ..method.grounding import resolve_config
 
         self.pipe, self.config = pipe, resolve_config(config, pipe)  # layers checked before any compute
         self.spec, self.image_size = pipe.spec, pipe.image_size
         self.device = pipe.device
         self.weight_files = pipe.weight_files
+        self.cache = cache
+
+    def default_batch_images(self) -> int:
+        from ..method.batch_size import default_batch_size
+
+        return default_batch_size(self.pipe, self.config)
+
+    def ground_batch(self, items):
+        """All images in one batch (:func:`ldmground.method.grounding.ground_many`); a bad image
+        fails alone."""
+        from ..method.grounding import ground_many
+
+        results = ground_many(
+            self.pipe, list(items), self.config, batch_size=max(1, len(items)), cache=self.cache, return_exceptions=True
+        )
+        return [r if isinstance(r, Exception) else _heatmaps(r) for r in results]
 
     def check_phrase(self, phrase: str) -> list[str]:
         from ..method.tokens import select_tokens
@@ -98,5 +150,11 @@ class DiffusionGrounder(Grounder):
 
         # No "ignore" filter here: _ground_image records the warnings (e.g. "smaller than
         # the model input") and keeps the notes; truncation comes back in r.warnings.
-        results = ground(self.pipe, image, phrases, self.config, words)
-        return Heatmaps([r.heatmap for r in results], results[0].unet_evals, [r.warnings for r in results])
+        return _heatmaps(ground(self.pipe, image, phrases, self.config, words, cache=self.cache))
+
+
+def _heatmaps(results) -> Heatmaps:
+    """The :class:`Heatmaps` of one image's :class:`~ldmground.method.grounding.GroundingResult` list."""
+    return Heatmaps(
+        [r.heatmap for r in results], results[0].unet_evals, [r.warnings for r in results], results[0].image_warnings
+    )

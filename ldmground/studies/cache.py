@@ -209,7 +209,7 @@ def heatmap_from_cache(
     Returns:
         ((S, S) model-frame heatmap, (H, W) original-frame heatmap with NaN outside the crop).
     """
-    from ..method.grounding import pool_maps, reference_background
+    from ..method.aggregate import pool_maps, reference_background
 
     cfg = as_config(config)
     if cfg.num_inference_steps != cs.config.num_inference_steps:
