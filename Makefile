@@ -11,7 +11,7 @@ OUT ?= outputs
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-fast reproduce lint clean
+.PHONY: install test test-fast reproduce explorer lint clean
 
 install: $(STAMP)
 
@@ -56,6 +56,16 @@ reproduce: $(STAMP)
 	$(VENV)/bin/papermill --cwd notebooks notebooks/05_figures.ipynb $(OUT)/notebooks/05_figures.ipynb \
 	  -p results_dir $(abspath $(OUT)) -p figures_dir $(abspath $(FIGURES))
 	@echo "figures in $(FIGURES)/, tables in $(OUT)/04_mscxr_evaluation/"
+
+# The explorer (notebook 06) in JupyterLab, opened from a fresh copy $(OUT)/06_explorer.ipynb
+# with the data paths made absolute (papermill --prepare-only runs nothing): JupyterLab's
+# autosave writes the widgets' outputs into the copy, never into the tracked notebook.
+explorer: $(STAMP)
+	mkdir -p $(OUT)
+	$(VENV)/bin/papermill --prepare-only notebooks/06_explorer.ipynb $(OUT)/06_explorer.ipynb \
+	  -p model $(MODEL) -p dataset $(abspath $(DATASET)) -p images $(abspath $(IMAGES)) -p preset $(PRESET) \
+	  $(if $(DEVICE),-p device $(DEVICE))
+	$(VENV)/bin/jupyter lab $(OUT)/06_explorer.ipynb
 
 clean:
 	rm -rf $(OUT) .pytest_cache
