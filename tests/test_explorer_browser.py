@@ -260,9 +260,15 @@ def test_explorer_in_jupyterlab(lab):
             metrics = page.locator(".ldmground-metrics").nth(0)
 
             def moved(name: str, action, timeout: float = 2.0) -> None:
+                """Act, wait (at most ``timeout``) for the map to change; log the browser's and
+                the kernel's (status: "redraw X s") times."""
                 before = _shot(first)
                 action()
                 timings[name] = _wait_change(page, first, before, timeout)
+                page.wait_for_function(
+                    "() => document.querySelector('.ldmground-status').innerText.startsWith('redraw')", timeout=2000
+                )
+                timings[name.replace("_s", "_redraw_s")] = float(status.inner_text().split()[1])
 
             sigma = page.locator(".ldmground-sigma .noUi-handle")
             moved("sigma_s", lambda: (sigma.focus(), page.keyboard.press("ArrowLeft")))

@@ -29,7 +29,7 @@ from ..config import GroundingConfig
 LABEL_WIDTH = "92px"  # every control's description column: the labels align
 CONTROL_WIDTH = "350px"
 PANEL_WIDTH = 264  # px of each overlay
-FIELD_HEIGHT = 52  # px above each overlay: the phrase field and the caption
+FIELD_HEIGHT = 60  # px above each overlay: the phrase field and the caption
 # ToggleButtons carry no inline-row class in ipywidgets 8: lay them out like the sliders
 STYLE = """<style>
 .ldmground-explorer .widget-toggle-buttons { display: flex; align-items: center; margin: 2px 0; }
