@@ -75,11 +75,15 @@ else
 	@echo "figures in $(OUT)/figures/, tables in $(OUT)/, executed notebooks in $(OUT)/notebooks/"
 endif
 
-# The explorer on a copy of notebook 06 (JupyterLab's autosave never touches the tracked one).
+# The explorer (notebook 06) in JupyterLab, opened from a fresh copy $(OUT)/06_explorer.ipynb
+# with the data paths made absolute (papermill --prepare-only runs nothing): JupyterLab's
+# autosave writes the widgets' outputs into the copy, never into the tracked notebook.
 explorer: $(STAMP)
-	mkdir -p $(OUT)/explorer
-	cp notebooks/06_explorer.ipynb $(OUT)/explorer/06_explorer.ipynb
-	$(VENV)/bin/jupyter lab --notebook-dir=$(CURDIR) $(OUT)/explorer/06_explorer.ipynb
+	mkdir -p $(OUT)
+	$(VENV)/bin/papermill --prepare-only notebooks/06_explorer.ipynb $(OUT)/06_explorer.ipynb \
+	  -p model $(MODEL) -p dataset $(abspath $(DATASET)) -p images $(abspath $(IMAGES)) -p preset $(PRESET) \
+	  $(if $(DEVICE),-p device $(DEVICE))
+	$(VENV)/bin/jupyter lab $(OUT)/06_explorer.ipynb
 
 clean:
 	rm -rf $(OUT) .pytest_cache

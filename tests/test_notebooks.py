@@ -136,6 +136,10 @@ def test_explorer_notebook_runs(workdir):
     nb = _run("06_explorer", workdir, **CHEAP, dataset=str(PHANTOM / "test.csv"), steps=10, n_samples=3)
     texts = [o.get("data", {}).get("text/plain", "") for c in nb["cells"] for o in c.get("outputs", [])]
     assert any("'cnr'" in "".join(t) for t in texts)
+    streams = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
+    assert "Loading weights" not in streams  # no loading bars above the explorer
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert "".join(code[-1]["source"]).strip() == "explorer"  # Run All ends on the explorer itself
 
 
 # --- the committed notebooks: outputs of the embedded default, checked by nbval -----------------

@@ -6,7 +6,7 @@ scored on the original image against the true boxes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,20 +113,99 @@ def load_samples(
     return samples if n is None else pick_samples(samples, n)
 
 
-def class_token_indices(tokens, category: str) -> tuple[int, ...]:
+def class_token_indices(tokens, category: str, fallback: bool = True) -> tuple[int, ...]:
     """Indices (into a :class:`~ldmground.method.tokens.TokenSelection`) of the class-name words.
 
-    Falls back to all indices when no word of ``category`` occurs in the phrase, as
-    :func:`ldmground.method.tokens.select_tokens` does.
+    When no word of ``category`` occurs in the phrase: all indices with ``fallback`` (as
+    :func:`ldmground.method.tokens.select_tokens` does), else an empty tuple (no map, as the
+    authors' attribution code).
     """
     wanted = {w.lower() for w in category.replace("-", " ").split()}
     keep = tuple(i for i, w in enumerate(tokens.words) if w.lower() in wanted)
-    return keep or tuple(range(len(tokens.positions)))
+    if keep or not fallback:
+        return keep
+    return tuple(range(len(tokens.positions)))
+
+
+def token_words(tokens, indices: Sequence[int] | None = None) -> list[str]:
+    """The phrase words behind the chosen token pieces, in order, each once.
+
+    Sub-word pieces ("e ##ff ##usion" of a WordPiece tokenizer, "pneum o thorax</w>" of CLIP's
+    BPE) belong to one word of the phrase (``TokenSelection.words``, from character offsets);
+    consecutive pieces of the same word give that word once.
+    """
+    chosen = range(len(tokens.words)) if indices is None else sorted(indices)
+    out: list[str] = []
+    last = None
+    for i in chosen:
+        if last is None or i != last + 1 or tokens.words[i] != tokens.words[last]:
+            out.append(tokens.words[i])
+        last = i
+    return out
 
 
 def full_window(config: GroundingConfig | str) -> GroundingConfig:
     """``config`` with the window widened to every step, for per-timestep sweeps."""
     return as_config(config).replace(window=(0.0, 1.0))
+
+
+def phrase_attention(
+    pipe,
+    image: np.ndarray,
+    phrases: Sequence[str],
+    config: GroundingConfig | str,
+    references: Sequence[str] = (),
+    on_step: Callable[[int, int], None] | None = None,
+    trajectories=None,
+):
+    """Every (layer, step) map of ``phrases`` on ``image`` over ``config``'s window.
+
+    The one road from the explorer to the UNet, for the first phrases of an image and for
+    every phrase typed later on an image already inverted. The empty-prompt trajectory does
+    not depend on the phrases (they are read beside it, never steer it), so recording a
+    phrase alone gives the maps a joint inversion with the others would. With
+    ``trajectories`` (a :class:`~ldmground.method.trajectory.TrajectoryCache`) that walk is
+    kept, and a new phrase on a seen image costs only the window's phrase evaluations.
+
+    Args:
+        pipe: a :class:`~ldmground.models.pipeline.GroundingPipeline`.
+        image: (H, W) float in [0, 1].
+        phrases: recorded with every selected token kept.
+        config: its ``num_inference_steps`` and ``window`` decide the recorded steps (all
+            layers are recorded).
+        references: phrases recorded alongside for ``contrast`` (none by default).
+        on_step: ``on_step(done, total)`` after each UNet evaluation, for a progress bar
+            (``total``: the walk's steps plus one phrase call per window step, or only the
+            latter when ``trajectories`` holds the image's walk).
+        trajectories: the caller's :class:`~ldmground.method.trajectory.TrajectoryCache`, or
+            None to walk every time.
+
+    Returns:
+        an :class:`~ldmground.method.grounding.AttentionCache` of ``phrases`` (and ``references``).
+    """
+    from ..method.grounding import attention_cache
+
+    cfg = as_config(config)
+    handle = None
+    if on_step is not None:
+        hits = trajectories.hits if trajectories is not None else 0
+        window = list(cfg.window_indices())
+        total = max(window) + 1 + len(window)  # the empty-prompt walk, then one phrase call per window step
+        done = [0]
+
+        def count(*_):
+            nonlocal total
+            if trajectories is not None and trajectories.hits > hits:
+                total = len(window)  # the walk was kept: only the window's phrase calls run
+            done[0] += 1
+            on_step(min(done[0], total), total)
+
+        handle = pipe.unet.register_forward_pre_hook(count)
+    try:
+        return attention_cache(pipe, image, list(phrases), cfg, tuple(references), cache=trajectories)
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def cache_samples(
