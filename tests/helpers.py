@@ -36,3 +36,48 @@ def write_dataset(root: Path, n_images: int = 3, size=(96, 80)) -> Path:
     csv = root / "test.csv"
     df.to_csv(csv, index=False)
     return csv
+
+
+def stored_rows(db: Path) -> int:
+    """Rows committed to an ``evaluate`` results store so far (0 before it exists)."""
+    import sqlite3
+
+    if not Path(db).is_file():
+        return 0
+    con = sqlite3.connect(db, timeout=30)
+    try:
+        return con.execute("SELECT count(*) FROM results").fetchone()[0]
+    except sqlite3.OperationalError:  # table not created yet
+        return 0
+    finally:
+        con.close()
+
+
+def kill_after_rows(cmd: list[str], cwd: Path, env: dict, db: Path, rows: int, poll: float = 0.01) -> dict[str, float]:
+    """Start ``cmd``, SIGKILL it once ``db`` holds ``rows`` committed rows, and return what
+    the store holds then (key -> seconds). Fails when the run ends before it can be killed."""
+    import signal
+    import sqlite3
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    try:
+        while proc.poll() is None and time.monotonic() < deadline and stored_rows(db) < rows:
+            time.sleep(poll)
+        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    con = sqlite3.connect(db)
+    try:
+        return dict(con.execute("SELECT key, seconds FROM results").fetchall())
+    finally:
+        con.close()

@@ -2,11 +2,8 @@
 
 import json
 import os
-import signal
 import sqlite3
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +18,7 @@ from ldmground.method.grounding import ground, ground_many
 from ldmground.method.heatmap import load_image
 from ldmground.runs.evaluation import evaluate, image_batches, in_shard, make_grounder, sample_key
 
-from .helpers import QUICK, blob_image, write_dataset
+from .helpers import QUICK, blob_image, kill_after_rows, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 PHANTOM = ROOT / "data" / "phantom"
@@ -289,17 +286,6 @@ def test_a_bad_image_in_a_batch_fails_alone(five, tmp_path):
     assert np.abs(ok.loc[first, cols].to_numpy(float) - want.loc[first, cols].to_numpy(float)).max() < 1e-4
 
 
-def _rows(db: Path) -> int:
-    if not db.is_file():
-        return 0
-    con = sqlite3.connect(db, timeout=30)
-    try:
-        return con.execute("SELECT count(*) FROM results").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
-    finally:
-        con.close()
-
 
 def test_sigkill_in_a_batched_run_loses_nothing(five, tmp_path, capsys):
     csv, ref = five
@@ -307,24 +293,7 @@ def test_sigkill_in_a_batched_run_loses_nothing(five, tmp_path, capsys):
     db = out / "results.sqlite"
     args = ["evaluate", "--model", "tiny", "--dataset", str(csv), "--out", str(out), *STEPS, "--quiet"]
     cmd = [sys.executable, "-m", "ldmground.cli", *args, "--batch-images", "2"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    try:
-        while proc.poll() is None and time.monotonic() < deadline and _rows(db) < 1:
-            time.sleep(0.01)
-        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
-    con = sqlite3.connect(db)
-    before = dict(con.execute("SELECT key, seconds FROM results").fetchall())
-    con.close()
+    before = kill_after_rows(cmd, ROOT, _env(), db, 1)
     # whole batches only: the first batch holds 3 samples (image 0 has two phrases), the second 2
     assert len(before) in (3, 5)
     assert main(args) == 0  # auto continues with the stored batch size

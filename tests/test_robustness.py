@@ -3,7 +3,6 @@
 import hashlib
 import json
 import os
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -24,7 +23,7 @@ from ldmground.errors import LdmGroundError
 from ldmground.runs.evaluation import evaluate, in_shard, make_grounder, parse_shard
 from ldmground.runs.grounders import CentrePriorGrounder
 
-from .helpers import QUICK, blob_image, write_dataset
+from .helpers import QUICK, blob_image, kill_after_rows, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["--steps", "10"]  # with the default paper preset this is exactly QUICK
@@ -35,17 +34,6 @@ def _env() -> dict:
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=path)
 
-
-def _rows(db: Path) -> int:
-    if not db.is_file():
-        return 0
-    con = sqlite3.connect(db, timeout=30)
-    try:
-        return con.execute("SELECT count(*) FROM results").fetchone()[0]
-    except sqlite3.OperationalError:  # table not created yet
-        return 0
-    finally:
-        con.close()
 
 
 def _assert_same_run(out: Path, ref: Path) -> None:
@@ -94,24 +82,7 @@ def test_sigkill_then_resume_recomputes_nothing(four, tmp_path, capsys):
         *STEPS,
         "--quiet",
     ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    try:
-        while proc.poll() is None and time.monotonic() < deadline and _rows(db) < 2:
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
-    con = sqlite3.connect(db)
-    before = dict(con.execute("SELECT key, seconds FROM results").fetchall())
-    con.close()
+    before = kill_after_rows(cmd, ROOT, _env(), db, 2)
     assert 2 <= len(before) < N_SAMPLES
     assert not (out / "results.csv").exists()  # killed before the end
 
