@@ -1,7 +1,9 @@
 # Two commands on a fresh machine: `make reproduce` (the main job) and `make test`.
-# Both create .venv and install what is missing. TORCH names the torch requirement:
-# the default is the CPU build; a GPU user installs a CUDA build, e.g.
-#   make TORCH="torch==2.13.0 --index-url <the CUDA wheel index from PyTorch's install page>" test
+# Both create .venv and install what is missing. TORCH names the torch requirement: the
+# default takes PyPI's wheel (the CUDA build on Linux, unless a local CPU wheel is found, as on
+# this project's machines); the CPU build elsewhere:
+#   make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" test
+# and a GPU user the CUDA index that matches the driver (PyTorch's install page).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -45,13 +47,13 @@ IMAGES ?= data/phantom
 SWEEP_DATASET ?= $(if $(filter data/phantom/test.csv,$(DATASET)),data/phantom/val.csv,$(DATASET))
 SPLIT ?= val
 TEST_SPLIT ?= test
-N_SAMPLES ?= 120
+N_SAMPLES ?= 80
 PRESET ?=
 STEPS ?=
 LIMIT ?=
 DEVICE ?=
 NOTEBOOKS := 01_feature_selection 02_aggregation 03_postprocessing 04_mscxr_evaluation
-EMBEDDED := $(and $(filter demo,$(MODEL)),$(filter data/phantom/test.csv,$(DATASET)),$(filter data/phantom,$(IMAGES)),$(filter data/phantom/val.csv,$(SWEEP_DATASET)),$(filter val,$(SPLIT)),$(filter 120,$(N_SAMPLES)),$(if $(PRESET)$(STEPS)$(LIMIT)$(DEVICE),,yes))
+EMBEDDED := $(and $(filter demo,$(MODEL)),$(filter data/phantom/test.csv,$(DATASET)),$(filter data/phantom,$(IMAGES)),$(filter data/phantom/val.csv,$(SWEEP_DATASET)),$(filter val,$(SPLIT)),$(filter 80,$(N_SAMPLES)),$(if $(PRESET)$(STEPS)$(LIMIT)$(DEVICE),,yes))
 # a model given as a folder is made absolute (papermill runs in notebooks/); a name stays a name
 MODEL_ARG := $(if $(wildcard $(MODEL)),$(abspath $(MODEL)),$(MODEL))
 PARAMS = -p model $(MODEL_ARG) -p images $(abspath $(IMAGES)) -p out_dir $(abspath $(OUT))/$$nb \

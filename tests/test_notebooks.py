@@ -53,10 +53,10 @@ EXPECTED = {
     ),
 }
 PARAMS = {
-    "01_feature_selection": {**SWEEP, "steps": 10, "n_samples": 8},
-    "02_aggregation": {**SWEEP, "steps": 10, "n_samples": 8, "n_samples_steps": 3, "step_counts": [5, 10]},
-    "03_postprocessing": {**SWEEP, "steps": 10, "n_samples": 8, "sigmas": [0.0, 4.0], "contrasts": [0.0, 0.5]},
-    "04_mscxr_evaluation": {**TEST, "steps": 5, "limit": 4, "n_examples": 2},
+    "01_feature_selection": {**SWEEP, "steps": 10, "n_samples": 4},
+    "02_aggregation": {**SWEEP, "steps": 10, "n_samples": 4, "n_samples_steps": 2, "step_counts": [5, 10]},
+    "03_postprocessing": {**SWEEP, "steps": 10, "n_samples": 4, "sigmas": [0.0, 4.0], "contrasts": [0.0, 0.5]},
+    "04_mscxr_evaluation": {**TEST, "steps": 5, "limit": 4, "random_limit": 2, "n_examples": 2},
 }
 
 
@@ -95,7 +95,7 @@ def workdir(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(EXPECTED))
+@pytest.mark.parametrize("name", ["04_mscxr_evaluation"])  # 01-05 on the default: nbval below
 def test_numbered_notebook_writes_its_results(workdir, name):
     out = workdir / "outputs" / name
     _run(
@@ -112,20 +112,9 @@ def test_numbered_notebook_writes_its_results(workdir, name):
         assert (out / f).is_file(), f
     for f in figs:
         assert (workdir / "figures" / f"{f}.png").stat().st_size > 1000, f
-
-
-@pytest.mark.slow
-def test_figures_notebook_redraws_every_figure(workdir):
     import pandas as pd
 
-    missing = [n for n in EXPECTED if not (workdir / "outputs" / n).is_dir()]
-    if missing:
-        pytest.skip(f"needs the results of {missing} (run the whole module)")
-    redrawn = workdir / "redrawn"
-    _run("05_figures", workdir, results_dir=str(workdir / "outputs"), figures_dir=str(redrawn))
-    expected = {f"{f}.png" for _, figs in EXPECTED.values() for f in figs}
-    assert {p.name for p in redrawn.glob("*.png")} == expected
-    table = pd.read_csv(workdir / "outputs" / "04_mscxr_evaluation" / "results_table.csv", index_col=0)
+    table = pd.read_csv(out / "results_table.csv", index_col=0)
     assert table.index[-1] == "macro" and "tiny: CNR (signed)" in table.columns and "tiny: n" in table.columns
     assert {"tiny: CNR (abs)", "tiny: AUC (5 bins)", "tiny: AUC (exact)"} <= set(table.columns)
     assert not any("MIDL" in c for c in table.columns)  # the phantom set is not MS-CXR

@@ -338,15 +338,17 @@ def shared_cache(
     config: GroundingConfig | str,
     folder: str | Path,
     progress: bool = True,
+    references: Sequence[str] = (),
 ) -> list[CachedSample]:
     """The one attention cache that notebooks 01-03 share.
 
-    Every layer at every one of the config's N steps, one map per token, and the config's
-    reference phrases (for the contrast sweep), for ``samples``. Written to ``folder`` under
-    a key of the model (its spec and the SHA-256 of its weights files), N, the timestep
-    spacing, the references and the sample ids; a later call with the same key reads it
-    back instead of inverting again. The file is a pickle this function wrote: read only
-    caches you made.
+    Every layer at every one of the config's N steps, one map per token, for ``samples``
+    (and ``references``, phrases recorded alongside, none by default: each adds a batch row
+    at every step). Written to ``folder`` under a key of the model (its spec and the SHA-256
+    of its weights files), the settings that change the recording (N, timestep spacing,
+    resize, dtype, threads, ...), the references and the sample ids; a later call with the
+    same key reads it back instead of inverting again. The file is a pickle this function
+    wrote: read only caches you made.
     """
     import hashlib
     import json
@@ -359,7 +361,7 @@ def shared_cache(
         "model": pipe.spec,
         "weights": [sha256_file(f) for f in pipe.weight_files],
         "config": {k: v for k, v in cfg.to_dict().items() if k not in _READ_OUT_FIELDS},
-        "references": list(cfg.reference_phrases),
+        "references": list(references),
         "samples": [s.sample_id for s in samples],
         "images": str(Path(images).resolve()),
     }
@@ -368,9 +370,7 @@ def shared_cache(
     if path.is_file():
         with path.open("rb") as f:
             return pickle.load(f)
-    cached = cache_samples(
-        pipe, samples, images, cfg.replace(layers=None), progress=progress, references=cfg.reference_phrases
-    )
+    cached = cache_samples(pipe, samples, images, cfg.replace(layers=None), progress=progress, references=references)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with tmp.open("wb") as f:

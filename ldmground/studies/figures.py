@@ -30,6 +30,10 @@ LABELS = {
 }
 
 
+HUE_LABELS = {"otsu": {True: "with Otsu", False: "without Otsu"}}
+"""Legend text of a second swept setting drawn as separate lines."""
+
+
 def save(fig, figures_dir: str | Path, name: str, dpi: int = 120) -> Path:
     """Write ``fig`` to ``figures_dir/name`` (PNG unless ``name`` has a suffix); return the path."""
     out = Path(figures_dir) / (name if Path(name).suffix else f"{name}.png")
@@ -67,10 +71,10 @@ def qualitative_grid(items: Sequence[Mapping[str, Any]], ncols: int = 4, metric:
         ax.axis("off")
     for ax, it in zip(axes.ravel(), items, strict=False):
         ax.imshow(np.asarray(overlay(it["image"], it["heatmap"], it["boxes"])))
-        title = f"{it['category']}\n" + textwrap.fill(str(it["phrase"]), 34)
+        label = f"{it['category']}\n" + textwrap.fill(str(it["phrase"]), 34)
         if metric in it and it[metric] is not None and np.isfinite(float(it[metric])):
-            title += f"\n{LABELS.get(metric, metric)} {float(it[metric]):.2f}"
-        ax.set_title(title, fontsize=9)
+            label += f"\n{LABELS.get(metric, metric)} {float(it[metric]):.2f}"
+        ax.set_title(label, fontsize=9)
     if title:
         fig.suptitle(title + "; true boxes in cyan", fontsize=11)
     _colour_bar(fig, axes)
@@ -199,7 +203,7 @@ def ablation_curve(
                 marker="o",
                 ms=3,
                 capsize=2,
-                label=None if key is None else f"{hue}={key}",
+                label=None if key is None else HUE_LABELS.get(hue, {}).get(key, f"{hue} {key}"),
             )
         if highlight is not None:
             pos = [labels.index(v) for v in highlight if v in labels] if categorical else list(highlight)
