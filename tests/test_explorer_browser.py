@@ -234,11 +234,10 @@ def test_explorer_in_jupyterlab(lab):
             assert _page_problems(page) == []
             assert maps.count() == 2
 
-            # one screen: scrolled to the explorer (the last cell's output), both overlays and
-            # every control lie inside the 1366x768 window together
-            page.locator(".ldmground-explorer").evaluate("e => e.scrollIntoView({block: 'start'})")
+            # one screen, with no scrolling after Run All: the explorer brings itself to the
+            # top of the window, and both overlays and every control lie inside 1366x768
             maps.first.wait_for(state="visible", timeout=5_000)
-            page.wait_for_timeout(300)
+            page.wait_for_timeout(600)
             page.screenshot(path=str(ARTEFACTS / "explorer.png"))
             shown = [maps.nth(0), maps.nth(1)] + [
                 page.locator(f".ldmground-{name}")

@@ -405,3 +405,23 @@ class Explorer:
         from IPython.display import display
 
         display(self.ui)
+
+    def show(self) -> None:
+        """Display the explorer and bring it to the top of the notebook's view: after Run All,
+        JupyterLab leaves the last cell's first line at the bottom of the window, which would
+        put the explorer below the fold."""
+        from IPython.display import Javascript, display
+
+        display(self.ui)
+        display(Javascript(_SCROLL_TO_EXPLORER))
+
+
+# The widget renders asynchronously: look for it for up to 5 s, then scroll it to the top.
+_SCROLL_TO_EXPLORER = """
+(function find(tries) {
+  const all = document.querySelectorAll('.ldmground-explorer');
+  const last = all[all.length - 1];
+  if (last && last.querySelector('img')) { last.scrollIntoView({block: 'start'}); }
+  else if (tries > 0) { setTimeout(() => find(tries - 1), 100); }
+})(50);
+"""

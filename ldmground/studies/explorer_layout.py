@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..config import GroundingConfig
+from .overlay import OVERLAY_CMAP
 
 LABEL_WIDTH = "92px"  # every control's description column: the labels align
 CONTROL_WIDTH = "350px"
@@ -57,8 +58,9 @@ def sigma_options(value: float) -> list[float]:
     return sorted({*SIGMA_STEPS, float(value)})
 
 
-def colour_bar_png(height: int = PANEL_WIDTH, width: int = 14, cmap: str = "jet") -> bytes:
-    """A vertical colour bar of ``cmap`` (1 at the top, 0 at the bottom) as PNG bytes."""
+def colour_bar_png(height: int = PANEL_WIDTH, width: int = 14, cmap: str = OVERLAY_CMAP) -> bytes:
+    """A vertical colour bar of ``cmap`` (1 at the top, 0 at the bottom) as PNG bytes: by
+    default the overlays' own colour map."""
     from matplotlib import colormaps
     from PIL import Image
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .overlay import overlay
+from .overlay import OVERLAY_CMAP, overlay
 from .sweeps import summarize_sweep
 
 LABELS = {
@@ -48,7 +48,7 @@ def _colour_bar(fig, axes, label: str = "heatmap (0 to 1)"):
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    mappable = ScalarMappable(Normalize(0, 1), colormaps["inferno"])
+    mappable = ScalarMappable(Normalize(0, 1), colormaps[OVERLAY_CMAP])
     fig.colorbar(mappable, ax=list(np.ravel(axes)), shrink=0.6, pad=0.02, label=label)
 
 
@@ -103,7 +103,7 @@ def map_grid(
         if image is not None:
             ax.imshow(np.asarray(overlay(image, hm, boxes)))
         else:
-            ax.imshow(np.nan_to_num(hm, nan=0.0), cmap="inferno", vmin=0, vmax=1)
+            ax.imshow(np.nan_to_num(hm, nan=0.0), cmap=OVERLAY_CMAP, vmin=0, vmax=1)
         ax.set_title(label, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 BOX_COLOUR = (0, 255, 255)  # cyan: absent from the heatmap's colour map
+OVERLAY_CMAP = "inferno"  # perceptually uniform: equal steps of the heatmap look equally large
 
 
 def heatmap_png(heatmap: np.ndarray) -> Image.Image:
@@ -21,7 +22,7 @@ def overlay(
     heatmap: np.ndarray,
     boxes: Sequence[Sequence[float]] = (),
     alpha: float = 0.45,
-    cmap: str = "inferno",
+    cmap: str = OVERLAY_CMAP,
 ) -> Image.Image:
     """RGB picture: the X-ray in gray, the heatmap in colour where it is > 0, boxes in cyan.
 
