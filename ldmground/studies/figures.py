@@ -33,6 +33,16 @@ LABELS = {
 HUE_LABELS = {"otsu": {True: "with Otsu", False: "without Otsu"}}
 """Legend text of a second swept setting drawn as separate lines."""
 
+VALUE_LABELS = {
+    "normalize": {True: "min-max each map", False: "raw maps"},
+    "pooling": {"mean": "mean", "max": "max", "median": "median"},
+    "tokens": {"phrase": "all phrase tokens", "class": "class-name tokens", "class-span": "class-name span"},
+}
+"""Swept settings' values in words, for figure labels."""
+
+SET_LABELS = {"config": "preset", "all": "all layers"}
+"""Names of the layer sets of :func:`ldmground.studies.sweeps.layer_sweep` in figure legends."""
+
 
 def save(fig, figures_dir: str | Path, name: str, dpi: int = 120) -> Path:
     """Write ``fig`` to ``figures_dir/name`` (PNG unless ``name`` has a suffix); return the path."""
@@ -246,13 +256,24 @@ def _marks(ax, marks: Mapping[str, Any] | None, labels: list | None = None) -> N
 
 
 def variant_bars(
-    df: pd.DataFrame, by: Sequence[str], metrics: Sequence[str] = ("cnr", "miou", "auc_roc"), title: str | None = None
+    df: pd.DataFrame,
+    by: Sequence[str],
+    metrics: Sequence[str] = ("cnr", "miou", "auc_roc"),
+    title: str | None = None,
+    marks: Mapping[str, Sequence[Any]] | None = None,
 ):
-    """Horizontal bars (mean +- standard error) of every combination of the ``by`` columns."""
+    """Horizontal bars (mean +- standard error) of every combination of the ``by`` columns,
+    named in words (:data:`VALUE_LABELS`); ``marks``: label -> the ``by`` values of a
+    combination to name (e.g. ``{"paper": (True, "mean", "phrase")}``)."""
     import matplotlib.pyplot as plt
 
     summ = summarize_sweep(df, list(by), metrics)
-    names = [", ".join(f"{c}={r[c]}" for c in by) for _, r in summ.iterrows()]
+    names = []
+    for _, r in summ.iterrows():
+        values = tuple(r[c] for c in by)
+        name = ", ".join(VALUE_LABELS.get(c, {}).get(v, f"{c} {v}") for c, v in zip(by, values, strict=True))
+        tags = [label for label, want in (marks or {}).items() if tuple(want) == values]
+        names.append(name + (f"  ({', '.join(tags)})" if tags else ""))
     metrics = [m for m in metrics if f"{m}_mean" in summ.columns]
     fig, axes = plt.subplots(
         1, len(metrics), figsize=(3.6 * len(metrics) + 1.5, 0.32 * len(names) + 1.2), squeeze=False, sharey=True
@@ -307,7 +328,8 @@ def layers_figure(
             ax.axvspan(i - 0.5, i + 0.5, color="orange", alpha=0.15, lw=0)
         if per_set is not None:
             for k, (_, r) in enumerate(per_set.iterrows()):
-                ax.axhline(r[f"{m}_mean"], color=f"C{k + 1}", ls="--", lw=1.2, label=f"{r['layer']} {{{r['layers']}}}")
+                name = SET_LABELS.get(r["layer"], r["layer"])
+                ax.axhline(r[f"{m}_mean"], color=f"C{k + 1}", ls="--", lw=1.2, label=f"{name} {{{r['layers']}}}")
         ticks = per_layer["layer"].tolist()
         names = [layer_labels.get(i, str(i)) if layer_labels else str(i) for i in ticks]
         rotation, align = (45, "right") if layer_labels else (0, "center")
@@ -349,9 +371,10 @@ def windows_figure(table: pd.DataFrame, marks: Mapping[str, Any] | None = None):
     )
 
 
-def aggregation_figure(table: pd.DataFrame):
-    """02: normalisation x pooling x tokens."""
-    return variant_bars(table, ["normalize", "pooling", "tokens"], title="Aggregation")
+def aggregation_figure(table: pd.DataFrame, marks: Mapping[str, Sequence[Any]] | None = None):
+    """02: normalisation x pooling x tokens; the paper's combination named by default."""
+    marks = marks if marks is not None else {"paper": (True, "mean", "phrase")}
+    return variant_bars(table, ["normalize", "pooling", "tokens"], title="Aggregation", marks=marks)
 
 
 def inversion_steps_figure(table: pd.DataFrame, marks: Mapping[str, Any] | None = None):
