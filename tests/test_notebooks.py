@@ -134,7 +134,10 @@ def test_explorer_notebook_runs(workdir):
 # --- the committed notebooks: outputs of the embedded default, checked by nbval -----------------
 
 COMMITTED = ["01_feature_selection", "02_aggregation", "03_postprocessing", "04_mscxr_evaluation", "05_figures"]
-MACHINE_PATH = re.compile(r"(/home/|/root/|/tmp/|/work/|/Users/|[A-Z]:\\\\)")
+# absolute paths of a machine: home folders, temporary folders, this checkout, a drive letter
+MACHINE_PATH = re.compile(
+    "|".join([re.escape(str(ROOT)), *(re.escape(f"/{d}/") for d in ("home", "root", "tmp", "Users")), r"[A-Z]:\\"])
+)
 
 
 def _outputs_text(nb: dict) -> str:
